@@ -1,0 +1,199 @@
+"""One run, start to finish: config -> seeded model with adapters -> training -> one results row.
+
+`run(cfg)` is pure with respect to Hydra (tests call it with a composed config). Whatever happens, a row
+is written with the run's status; a run whose row already says `ok` is skipped, which is how sweeps resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import datetime as dt
+import json
+import logging
+import signal
+import socket
+import traceback
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pandas as pd
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+
+from harness import adapters, models, results, tasks
+from harness.checkpoint import save_adapter
+from harness.errors import Diverged, Interrupted, require
+from harness.train import TrainOutcome, resolve_device, resolve_precision, train
+
+log = logging.getLogger(__name__)
+
+if not sys.stderr.isatty():  # progress bars only for people watching a terminal
+    datasets.disable_progress_bars()
+
+
+def count_parameters(model: torch.nn.Module, head: list[str]) -> dict[str, int]:
+    """Trainable parameters with and without the task head (papers count without), the head, the total."""
+    trainable = head_params = trainable_head = total = 0
+    for name, param in model.named_parameters():
+        n = param.numel()
+        in_head = adapters.base.is_under(name, head)
+        total += n
+        head_params += n if in_head else 0
+        if param.requires_grad:
+            trainable += n
+            trainable_head += n if in_head else 0
+    return {"trainable_params": trainable, "trainable_params_no_head": trainable - trainable_head,
+            "head_params": head_params, "total_params": total}
+
+
+def base_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the encoder's linear weights as stored (QLoRA shrinks them)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            weight = module.weight
+            nbytes = getattr(weight, "storage_bytes", None)
+            total += nbytes() if callable(nbytes) else weight.numel() * weight.element_size()
+    return total
+
+
+def validate_top_level(cfg: DictConfig) -> None:
+    require(isinstance(cfg.seed, int), "seed", cfg.seed, "an integer")
+    require(isinstance(cfg.sweep_name, str) and cfg.sweep_name and "/" not in cfg.sweep_name,
+            "sweep_name", cfg.sweep_name, "a non-empty name without '/'")
+
+
+@contextlib.contextmanager
+def interrupts_as_exceptions():
+    """SIGTERM (cluster preemption, `kill`) raises Interrupted like SIGINT does, so the row gets written."""
+    def handler(signum, frame):
+        raise Interrupted(f"received {signal.Signals(signum).name}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a thread-based launcher): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def config_columns(cfg: DictConfig, key: str) -> dict[str, Any]:
+    variant = cfg.variant
+    return {
+        "run_key": key, "sweep": cfg.sweep_name, "task": cfg.task.name, "variant": variant.name,
+        "impl": variant.get("impl", "ours"), "seed": cfg.seed, "model": cfg.model.name,
+        "rank": variant.get("r"), "alpha": variant.get("alpha"),
+        "lr": cfg.train.lr, "schedule": cfg.train.schedule, "batch_size": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum, "max_steps": cfg.train.max_steps, "max_seq_len": cfg.task.max_seq_len,
+        "precision": cfg.train.precision,
+        "config_json": json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str),
+        "versions_json": json.dumps(results.library_versions()),
+    }
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one configuration and return its results row (as a dict)."""
+    key = results.run_key(cfg)
+    existing = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, key))
+    if existing is not None and existing["status"] == "ok":
+        log.info("skip %s: run %s already has an ok row", describe(cfg), key)
+        return existing
+    row = config_columns(cfg, key)
+    row["git_sha"], row["git_dirty"] = results.git_state()
+    row["started_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    outcome = TrainOutcome()
+    artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, key)
+    model = variant = None
+    log.info("run %s: %s", key, describe(cfg))
+    try:
+        with interrupts_as_exceptions():
+            validate_top_level(cfg)
+            device = resolve_device(cfg.device)
+            resolve_precision(cfg.train.precision, device)
+            row["device"] = describe_device(device)
+            variant = adapters.build(cfg.variant)
+            task = tasks.get(cfg.task, cfg.data)
+            row["primary_metric"] = task.primary_metric
+            row["protocol"] = task.protocol_description()
+            transformers.set_seed(cfg.seed)  # before any module is built: head and adapter inits are seeded
+            loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir)
+            model = loaded.model
+            targeted = variant.prepare(model, loaded.head)
+            row.update(count_parameters(model, loaded.head), targeted_modules=len(targeted),
+                       targets=",".join(targeted), base_weight_bytes=base_weight_bytes(model))
+            row["extra_json"] = json.dumps(variant.facts(model))
+            model.to(device)
+            train_set, eval_sets = task.datasets(loaded.tokenizer, cfg.seed)
+            row["train_examples"] = len(train_set)
+            row["eval_examples"] = sum(len(d) for d in eval_sets.values())
+            train(model, task, train_set, eval_sets, task.collate(loaded.tokenizer), variant, cfg.train,
+                  device, cfg.seed, outcome)
+            if cfg.save_adapter:
+                row["adapter_bytes"] = save_adapter(model, variant, artifacts / "adapter.safetensors")
+                variant.save_other_formats(model, artifacts)
+            row["status"] = "ok"
+    except (KeyboardInterrupt, Interrupted) as err:
+        row.update(status="interrupted", error=f"{type(err).__name__}: {err}")
+        finish(cfg, row, outcome, artifacts)
+        raise
+    except torch.cuda.OutOfMemoryError as err:
+        row.update(status="oom", error=f"CUDA out of memory: {str(err).splitlines()[0]}")
+    except Diverged as err:
+        row.update(status="diverged", error=str(err))
+    except Exception as err:  # noqa: BLE001 - every failure becomes a row; the traceback goes to the log
+        log.error("run %s failed:\n%s", key, traceback.format_exc())
+        row.update(status="failed", error=f"{type(err).__name__}: {err}")
+    finish(cfg, row, outcome, artifacts)
+    return row
+
+
+def finish(cfg: DictConfig, row: dict[str, Any], outcome: TrainOutcome, artifacts: Path) -> None:
+    """Fill the score, speed and memory columns from what was measured, write the sibling files, then the row."""
+    row["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    if outcome.best is not None:
+        metric_values = {k: v for k, v in outcome.best.items() if k not in ("step", "epoch", "train_loss", "score")}
+        unknown = set(metric_values) - set(results.METRIC_NAMES)
+        if unknown:
+            raise KeyError(f"task metrics {sorted(unknown)} have no results column; add them to results.METRIC_NAMES")
+        row.update({f"metric_{k}": v for k, v in metric_values.items()})
+        row.update(score_best=outcome.best["score"], best_epoch=outcome.best["epoch"], best_step=outcome.best["step"],
+                   score_last=outcome.last["score"], last_metrics_json=json.dumps(
+                       {k: v for k, v in outcome.last.items() if k not in ("train_loss",)}))
+    if outcome.setting_scores:
+        row["rank_scores_json"] = json.dumps(outcome.setting_scores)
+    row.update(steps=outcome.steps, epochs=outcome.epochs, warmup_steps=outcome.warmup_steps,
+               train_seconds=outcome.train_seconds, eval_seconds=outcome.eval_seconds, **outcome.memory)
+    if outcome.train_seconds > 0:
+        row["train_samples_per_s"] = outcome.train_samples / outcome.train_seconds
+        row["train_tokens_per_s"] = outcome.train_tokens / outcome.train_seconds
+    if outcome.eval_seconds > 0:
+        row["eval_samples_per_s"] = outcome.eval_samples / outcome.eval_seconds
+    row.setdefault("status", "failed")
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if outcome.history:
+        results.atomic_write_parquet(pd.DataFrame(outcome.history), artifacts / "history.parquet")
+    if outcome.predictions:
+        frames = [df.assign(checkpoint=name) for name, df in outcome.predictions.items()]
+        results.atomic_write_parquet(pd.concat(frames, ignore_index=True), artifacts / "predictions.parquet")
+    path = results.write_row(cfg.results_dir, cfg.sweep_name, row)
+    log.info("run %s %s: %s=%s -> %s", row["run_key"], row["status"], row.get("primary_metric"),
+             row.get("score_best"), path)
+
+
+def describe(cfg: DictConfig) -> str:
+    rank = cfg.variant.get("r")
+    return (f"task={cfg.task.name} variant={cfg.variant.name}" + (f" r={rank}" if rank is not None else "")
+            + f" model={cfg.model.name} seed={cfg.seed}")
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{torch.get_num_threads()} threads@{socket.gethostname()}"

@@ -1,0 +1,220 @@
+"""What every task shares: finding its splits (local Parquet or hub), the held-out protocol, the token cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from omegaconf import OmegaConf
+from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
+
+from harness.errors import ConfigError, DataError, require
+from harness.hub import from_hub
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("standard", "holdout")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the tokenizer's full definition (vocab, merges, normalizer, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    text += json.dumps(tokenizer.special_tokens_map, sort_keys=True) + type(tokenizer).__name__
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def content_hash(ds: datasets.Dataset) -> str:
+    """Hash of the rows themselves (not of paths or times): the cache follows the data, not where it lives."""
+    table = ds.with_format("arrow")[:] if len(ds) else ds.data.table.slice(0, 0)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue()).hexdigest()[:16]
+
+
+class Task:
+    """One benchmark task. Subclasses define tokenization, batching, the per-batch outputs and scoring.
+
+    `kind` of the head it needs: classification | regression | qa.
+    """
+
+    preprocess_version: int = 1  # bump when tokenization changes, so no stale cache is reused
+
+    def __init__(self, cfg, data_cfg):
+        self.cfg = cfg
+        self.data_cfg = data_cfg
+        self.name: str = cfg.name
+        self.protocol: str = data_cfg.get("protocol", "standard")
+        require(self.protocol in PROTOCOLS, "data.protocol", self.protocol, f"one of {PROTOCOLS}")
+        self.validate()
+
+    def validate(self) -> None:
+        fraction = self.data_cfg.get("holdout_fraction", 0.2)
+        require(0 < fraction < 1, "data.holdout_fraction", fraction, "a fraction strictly between 0 and 1")
+        for key in ("max_train_samples", "max_eval_samples"):
+            value = self.data_cfg.get(key)
+            require(value is None or (isinstance(value, int) and value > 0), f"data.{key}", value,
+                    "null or a positive integer")
+        require(int(self.cfg.max_seq_len) > 8, "task.max_seq_len", self.cfg.max_seq_len, "an integer > 8")
+
+    # ---- properties every task has ------------------------------------------------------------------
+    @property
+    def head_kind(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.cfg.get("num_labels", 0) or 0)
+
+    @property
+    def primary_metric(self) -> str:
+        return self.cfg.primary_metric
+
+    @property
+    def eval_splits(self) -> list[str]:
+        return list(self.cfg.eval_splits)
+
+    def protocol_description(self) -> str:
+        if self.protocol == "standard":
+            return f"standard: train on {self.cfg.train_split}, evaluate on {', '.join(self.eval_splits)}"
+        group = self.cfg.holdout.get("group_by")
+        return (
+            f"holdout: train and evaluation sets both drawn from {self.cfg.holdout.source_split}; "
+            f"{self.data_cfg.holdout_fraction:g} held out for evaluation"
+            + (f" grouped by {group}" if group else "")
+            + f", seed {self.data_cfg.holdout_seed}; NOT the standard split"
+        )
+
+    # ---- raw data -----------------------------------------------------------------------------------
+    def local_path(self, split: str) -> Path | None:
+        root = self.data_cfg.get("dir")
+        if not root:
+            return None
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data.dir={str(root)!r} does not exist; point it at a folder with "
+                            f"glue/<task>/<split>.parquet (and squad/<split>.parquet), or unset it to use the hub")
+        return root / self.cfg.local_subdir / f"{split}.parquet"
+
+    def load_split(self, split: str) -> datasets.Dataset:
+        path = self.local_path(split)
+        if path is not None:
+            if not path.exists():
+                available = sorted(p.stem for p in path.parent.glob("*.parquet"))
+                hint = self.missing_split_hint(split, available)
+                raise DataError(f"task {self.name}: no split {split!r}; looked for {path}. "
+                                f"Available there: {available or 'none'}. {hint}")
+            return datasets.Dataset(pq.read_table(path))
+        hub_id, hub_config = self.cfg.hub_id, self.cfg.get("hub_config")
+        what = f"{hub_id}" + (f" ({hub_config})" if hub_config else "") + f" split {split!r}"
+        try:
+            return from_hub(lambda: datasets.load_dataset(hub_id, hub_config, split=split), what)
+        except ValueError as err:  # datasets: 'Unknown split'
+            raise DataError(f"task {self.name}: {err}. {self.missing_split_hint(split, [])}") from err
+
+    def missing_split_hint(self, split: str, available: list[str]) -> str:
+        if split == self.cfg.get("train_split") and self.cfg.get("holdout"):
+            return (f"Without a train split, data.protocol=holdout trains on part of "
+                    f"{self.cfg.holdout.source_split} and evaluates on the rest (recorded in the row).")
+        return f"task.eval_splits for {self.name} are {self.eval_splits}."
+
+    def train_and_eval_raw(self) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
+        """The raw training set and evaluation sets under the configured protocol."""
+        if self.protocol == "standard":
+            train = self.load_split(self.cfg.train_split)
+            evals = {split: self.load_split(split) for split in self.eval_splits}
+            return train, evals
+        holdout = self.cfg.get("holdout")
+        if not holdout:
+            raise ConfigError(f"data.protocol=holdout: task {self.name} defines no holdout source split")
+        source_name = holdout.source_split
+        source = self.load_split(source_name)
+        train_idx, eval_idx = self.holdout_indices(source, holdout.get("group_by"))
+        evals = {split: self.load_split(split) for split in self.eval_splits if split != source_name}
+        return source.select(train_idx), {source_name: source.select(eval_idx), **evals}
+
+    def holdout_indices(self, source: datasets.Dataset, group_by: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """Split rows with scikit-learn, keeping every group (e.g. a premise, an article) on one side."""
+        fraction, seed = self.data_cfg.holdout_fraction, self.data_cfg.holdout_seed
+        rows = np.arange(len(source))
+        if group_by:
+            splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+            train_idx, eval_idx = next(splitter.split(rows, groups=source[group_by]))
+        else:
+            splitter = ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+            train_idx, eval_idx = next(splitter.split(rows))
+        return np.sort(train_idx), np.sort(eval_idx)
+
+    # ---- tokenized, cached --------------------------------------------------------------------------
+    def cache_key(self, tokenizer, split_name: str, raw: datasets.Dataset) -> str:
+        spec = {
+            "task": OmegaConf.to_container(self.cfg, resolve=True),
+            "split": split_name,
+            "rows": content_hash(raw),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "version": self.preprocess_version,
+            "kind": type(self).__name__,
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def cached(self, tokenizer, split_name: str, raw: datasets.Dataset,
+               encode: Callable[[datasets.Dataset], datasets.Dataset]) -> datasets.Dataset:
+        """`encode(raw)`, stored once under a key of (task, split content, tokenizer, max length, version)."""
+        cache_root = Path(self.data_cfg.get("cache_dir") or ".cache/harness") / "tokenized"
+        folder = cache_root / f"{self.name}-{split_name}-{self.cache_key(tokenizer, split_name, raw)}"
+        if (folder / "dataset_info.json").exists():
+            return datasets.load_from_disk(str(folder))
+        encoded = encode(raw)
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        encoded.save_to_disk(str(tmp))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process cached it first: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+        return datasets.load_from_disk(str(folder))
+
+    def limit(self, ds: datasets.Dataset, key: str, seed: int) -> datasets.Dataset:
+        n = self.data_cfg.get(key)
+        if n is None or n >= len(ds):
+            return ds
+        return ds.shuffle(seed=seed).select(range(n))
+
+    # ---- what subclasses provide --------------------------------------------------------------------
+    def datasets(self, tokenizer, seed: int) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:
+        """Tokenized (train, {eval split: eval set})."""
+        raise NotImplementedError
+
+    def collate(self, tokenizer) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def model_inputs(self, batch: dict[str, torch.Tensor], training: bool) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the model's forward (labels included when training)."""
+        raise NotImplementedError
+
+    def batch_outputs(self, batch: dict[str, torch.Tensor], outputs: Any) -> dict[str, np.ndarray]:
+        """Per-example arrays kept from one evaluation batch."""
+        raise NotImplementedError
+
+    def score(self, split: str, dataset: datasets.Dataset, outputs: dict[str, np.ndarray]
+              ) -> tuple[dict[str, float], pd.DataFrame]:
+        """Metrics (names from results.METRIC_COLUMNS) and per-example predictions for one split."""
+        raise NotImplementedError
+
+    def metric_suffix(self, split: str) -> str:
+        """Metrics of the first eval split are unsuffixed; others get the task's tag (MNLI mismatched: _mm)."""
+        if split == self.eval_splits[0]:
+            return ""
+        return "_" + dict(self.cfg.get("split_tags") or {}).get(split, split)

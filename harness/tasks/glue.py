@@ -1,0 +1,84 @@
+"""The nine GLUE tasks: single sentences or pairs, classification (STS-B: regression), GLUE's metrics."""
+
+from __future__ import annotations
+
+import datasets
+import pandas as pd
+import torch
+from transformers import DataCollatorWithPadding
+
+from harness.errors import require
+from harness.metrics import glue_metrics
+from harness.tasks import register_kind
+from harness.tasks.base import Task
+
+
+@register_kind("glue")
+class GlueTask(Task):
+    """Columns, labels and metrics come from conf/task/<name>.yaml; pairs are truncated longest-first."""
+
+    def validate(self) -> None:
+        super().validate()
+        columns = list(self.cfg.text_columns)
+        require(1 <= len(columns) <= 2, f"task.text_columns", columns, "one column or a pair")
+        require(self.primary_metric in self.cfg.metrics, "task.primary_metric", self.primary_metric,
+                f"one of task.metrics {list(self.cfg.metrics)}")
+
+    @property
+    def head_kind(self) -> str:
+        return "regression" if self.num_labels == 1 else "classification"
+
+    def encode(self, tokenizer, raw: datasets.Dataset) -> datasets.Dataset:
+        columns = list(self.cfg.text_columns)
+        max_len = int(self.cfg.max_seq_len)
+
+        def tokenize(batch):
+            texts = [batch[c] for c in columns]
+            return tokenizer(*texts, truncation="longest_first" if len(texts) == 2 else True, max_length=max_len)
+
+        keep = {"idx", "label"}
+        encoded = raw.map(tokenize, batched=True, remove_columns=[c for c in raw.column_names if c not in keep],
+                          desc=f"tokenize {self.name}")
+        return encoded
+
+    def datasets(self, tokenizer, seed: int):
+        train_raw, evals_raw = self.train_and_eval_raw()
+        train = self.cached(tokenizer, "train", train_raw, lambda r: self.encode(tokenizer, r))
+        evals = {name: self.cached(tokenizer, name, raw, lambda r: self.encode(tokenizer, r))
+                 for name, raw in evals_raw.items()}
+        for name, ds in evals.items():
+            if len(ds) and min(ds["label"]) < 0:
+                raise ValueError(f"task {self.name}: split {name!r} has no labels (a test split?); "
+                                 "evaluate on a validation split")
+        train = self.limit(train, "max_train_samples", seed)
+        evals = {name: self.limit(ds, "max_eval_samples", seed) for name, ds in evals.items()}
+        return train, evals
+
+    def collate(self, tokenizer):
+        pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+        regression = self.head_kind == "regression"
+
+        def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+            batch = pad([{k: v for k, v in r.items() if k not in ("idx", "label")} for r in rows])
+            batch["labels"] = torch.tensor([r["label"] for r in rows],
+                                           dtype=torch.float32 if regression else torch.long)
+            batch["idx"] = torch.tensor([r["idx"] for r in rows], dtype=torch.long)
+            return batch
+
+        return collate
+
+    def model_inputs(self, batch, training: bool):
+        return {k: v for k, v in batch.items() if k != "idx" and (training or k != "labels")}
+
+    def batch_outputs(self, batch, outputs):
+        logits = outputs.logits.float()
+        prediction = logits.squeeze(-1) if self.head_kind == "regression" else logits.argmax(-1)
+        return {"idx": batch["idx"].cpu().numpy(), "label": batch["labels"].cpu().numpy(),
+                "prediction": prediction.cpu().numpy()}
+
+    def score(self, split, dataset, outputs):
+        metrics = glue_metrics(list(self.cfg.metrics), outputs["prediction"], outputs["label"])
+        suffix = self.metric_suffix(split)
+        predictions = pd.DataFrame({"split": split, "idx": outputs["idx"], "label": outputs["label"],
+                                    "prediction": outputs["prediction"]})
+        return {f"{name}{suffix}": value for name, value in metrics.items()}, predictions

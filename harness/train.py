@@ -1,0 +1,342 @@
+"""The training loop, written out: AdamW with the variant's parameter groups, warmup then decay, clipping,
+accumulation, autocast, evaluation after every epoch (and every N steps), and the meters behind the
+results row's speed and memory columns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from harness.errors import ConfigError, Diverged, require
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---- device and precision ---------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:<n>") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but this machine has no CUDA device; use device=cpu or device=auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} CUDA devices are visible")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None for fp32), or a ConfigError when the device cannot run it."""
+    require(precision in PRECISIONS, "train.precision", precision, f"one of {sorted(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is torch.float16 and device.type != "cuda":
+        raise ConfigError(f"train.precision=fp16 needs a CUDA device (this run is on {device.type}): "
+                          "fp16 autocast with a grad scaler is a GPU feature; use fp32, or bf16 (CPU autocast)")
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"train.precision=bf16 but {torch.cuda.get_device_name(device)} does not support "
+                          "bfloat16; use fp16 or fp32")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---- memory ------------------------------------------------------------------------------------------
+class SavedTensorMeter:
+    """Bytes autograd keeps for backward: every saved tensor's storage counted once, parameters excluded.
+
+    Counting storages, not tensors, is what makes it exact: query and value read the same input, and a
+    view saved twice is one allocation. Device-independent, so it also explains GPU memory measured on CPU.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.exclude = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]
+                        if t.device.type != "meta"}
+        self.storages: dict[tuple[str, int], int] = {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without one storage (e.g. NF4)
+            return tensor
+        pointer = storage.data_ptr()
+        if pointer not in self.exclude and pointer != 0:
+            self.storages[(str(tensor.device), pointer)] = storage.nbytes()
+        return tensor
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(tensor_bytes(v for v in state.values() if torch.is_tensor(v)) for state in optimizer.state.values())
+
+
+def cpu_peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+# ---- what the loop produces --------------------------------------------------------------------------
+@dataclass
+class TrainOutcome:
+    """Filled in as training goes, so a run that fails midway still reports what it measured."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    predictions: dict[str, pd.DataFrame] = field(default_factory=dict)  # "best" and "last"
+    best: dict[str, Any] | None = None
+    last: dict[str, Any] | None = None
+    setting_scores: dict[str, float] = field(default_factory=dict)  # DyLoRA: primary score per rank
+    steps: int = 0
+    warmup_steps: int = 0
+    epochs: float = 0.0
+    train_seconds: float = 0.0
+    train_samples: int = 0
+    train_tokens: int = 0
+    eval_seconds: float = 0.0
+    eval_samples: int = 0
+    memory: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+def build_optimizer(model, variant, cfg) -> torch.optim.Optimizer:
+    groups = variant.param_groups(model, cfg.lr, cfg.weight_decay)
+    if not groups:
+        raise ConfigError(f"variant={variant.name!r} left no trainable parameters")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+
+
+def schedule_steps(cfg, batches_per_epoch: int) -> tuple[int, int, int]:
+    """(total optimizer steps, warmup steps, steps per epoch) from epochs/max_steps and the warmup setting."""
+    require(cfg.grad_accum >= 1, "train.grad_accum", cfg.grad_accum, "an integer >= 1")
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum))
+    if cfg.max_steps is not None:
+        require(cfg.max_steps > 0, "train.max_steps", cfg.max_steps, "null or a positive integer")
+        total = int(cfg.max_steps)
+    else:
+        require(cfg.epochs > 0, "train.epochs", cfg.epochs, "a positive number")
+        total = math.ceil(cfg.epochs * steps_per_epoch)
+    if cfg.warmup_epochs is not None:
+        require(not cfg.warmup_ratio, "train.warmup_ratio", cfg.warmup_ratio,
+                "0 or null when train.warmup_epochs is set (give warmup one way)")
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    else:
+        require(0 <= (cfg.warmup_ratio or 0) < 1, "train.warmup_ratio", cfg.warmup_ratio, "0 <= ratio < 1")
+        warmup = round((cfg.warmup_ratio or 0) * total)
+    return total, min(warmup, total), steps_per_epoch
+
+
+def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed: int,
+          outcome: TrainOutcome) -> TrainOutcome:
+    """Train `model` in place; evaluate after every epoch (and every `eval_every_steps`)."""
+    amp_dtype = resolve_precision(cfg.precision, device)
+    require(cfg.schedule in SCHEDULES, "train.schedule", cfg.schedule, f"one of {sorted(SCHEDULES)}")
+    require(cfg.batch_size >= 1, "train.batch_size", cfg.batch_size, "an integer >= 1")
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                        collate_fn=collate, num_workers=cfg.num_workers, drop_last=False,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    total_steps, warmup, steps_per_epoch = schedule_steps(cfg, len(loader))
+    outcome.warmup_steps = warmup
+    optimizer = build_optimizer(model, variant, cfg)
+    scheduler = get_scheduler(SCHEDULES[cfg.schedule], optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+    # fp16 needs loss scaling; trainable parameters stay fp32 either way (autocast casts per op).
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works when no input requires grad, which is the frozen-base case.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rank_generator = torch.Generator().manual_seed(seed + 1)  # DyLoRA's rank draws, apart from dropout's
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    log.info("training %d steps (%d per epoch, warmup %d) on %s", total_steps, steps_per_epoch, warmup, device)
+
+    step = 0
+    epoch_count = math.ceil(total_steps / steps_per_epoch)
+    progress = tqdm(total=total_steps, disable=not sys.stderr.isatty(), desc="train", dynamic_ncols=True)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    clock = time.perf_counter()
+    running_loss, running_n = 0.0, 0
+    for epoch in range(epoch_count):
+        for i, batch in enumerate(loader):
+            if i % cfg.grad_accum == 0:
+                variant.before_step(model, step, rank_generator)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            meter = SavedTensorMeter(model) if step == 0 and i == 0 else contextlib.nullcontext()
+            with meter:
+                with autocast(device, amp_dtype):
+                    loss = model(**task.model_inputs(batch, training=True)).loss
+                if not torch.isfinite(loss):
+                    raise Diverged(f"loss became {loss.item()} at step {step} (epoch {epoch}); "
+                                   "lower train.lr or use fp32")
+                scaler.scale(loss / cfg.grad_accum).backward()
+            if isinstance(meter, SavedTensorMeter):
+                outcome.memory["saved_activation_bytes"] = meter.bytes
+                outcome.memory["activation_batch_shape"] = "x".join(map(str, batch["input_ids"].shape))
+            running_loss += loss.item()
+            running_n += 1
+            outcome.train_samples += batch["input_ids"].shape[0]
+            outcome.train_tokens += int(batch["attention_mask"].sum())
+            end_of_epoch = i + 1 == len(loader)
+            if (i + 1) % cfg.grad_accum and not end_of_epoch:
+                continue
+            if cfg.max_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                               cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            variant.after_step(model, step)
+            step += 1
+            outcome.steps = step
+            if step == 1:
+                outcome.memory.update(memory_account(model, optimizer))
+            progress.update(1)
+            if step % cfg.log_every_steps == 0:
+                log.info("step %d/%d loss %.4f lr %.3g", step, total_steps, running_loss / running_n,
+                         scheduler.get_last_lr()[0])
+            done = step >= total_steps
+            if (cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or end_of_epoch or done:
+                outcome.train_seconds += time.perf_counter() - clock
+                outcome.epochs = step / steps_per_epoch
+                train_loss = running_loss / max(running_n, 1)
+                running_loss, running_n = 0.0, 0
+                evaluate_and_record(model, task, eval_sets, collate, variant, cfg, device, amp_dtype,
+                                    step, outcome.epochs, train_loss, outcome)
+                model.train()
+                clock = time.perf_counter()
+            if done:
+                break
+        if step >= total_steps:
+            break
+    progress.close()
+    outcome.memory.update(peak_memory(device))
+    return outcome
+
+
+def memory_account(model, optimizer) -> dict[str, int]:
+    """Exact bytes held for parameters, gradients and optimizer state after the first step."""
+    params = [*model.parameters()]
+    return {
+        "param_bytes": tensor_bytes(params) + tensor_bytes(model.buffers()),
+        "grad_bytes": tensor_bytes(p for p in params if p.requires_grad),
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+    }
+
+
+def peak_memory(device: torch.device) -> dict[str, int | None]:
+    peaks = {"cpu_peak_rss_bytes": cpu_peak_rss_bytes(),
+             "cuda_peak_allocated_bytes": None, "cuda_peak_reserved_bytes": None}
+    if device.type == "cuda":
+        peaks["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        peaks["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    return peaks
+
+
+# ---- evaluation --------------------------------------------------------------------------------------
+@torch.inference_mode()
+def predict(model, task, dataset, collate, cfg, device, amp_dtype) -> tuple[dict[str, np.ndarray], int, float]:
+    """Per-example outputs over `dataset`, the number of examples and the seconds it took."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate,
+                        num_workers=cfg.num_workers)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in loader:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast(device, amp_dtype):
+            outputs = model(**task.model_inputs(batch, training=False))
+        for key, value in task.batch_outputs(batch, outputs).items():
+            parts.setdefault(key, []).append(value)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    merged = {key: np.concatenate(values) if values[0].ndim else np.array(values) for key, values in parts.items()}
+    return merged, len(dataset), seconds
+
+
+def evaluate(model, task, eval_sets, collate, variant, cfg, device, amp_dtype, outcome: TrainOutcome | None = None):
+    """{setting label: (metrics over every eval split, predictions)}; the unlabelled setting is the model as trained."""
+    results = {}
+    for label, setting in variant.eval_settings(model):
+        metrics, frames = {}, []
+        with setting:
+            for split, dataset in eval_sets.items():
+                outputs, n, seconds = predict(model, task, dataset, collate, cfg, device, amp_dtype)
+                if outcome is not None and label is None:
+                    outcome.eval_samples += n
+                    outcome.eval_seconds += seconds
+                split_metrics, predictions = task.score(split, dataset, outputs)
+                metrics.update(split_metrics)
+                frames.append(predictions)
+        results[label] = (metrics, pd.concat(frames, ignore_index=True))
+    return results
+
+
+def evaluate_and_record(model, task, eval_sets, collate, variant, cfg, device, amp_dtype,
+                        step, epoch, train_loss, outcome: TrainOutcome) -> None:
+    results = evaluate(model, task, eval_sets, collate, variant, cfg, device, amp_dtype, outcome)
+    metrics, predictions = results[None]
+    score = metrics[task.primary_metric]
+    entry = {"step": step, "epoch": epoch, "train_loss": train_loss, "score": score, **metrics}
+    outcome.history.append(entry)
+    for label, (setting_metrics, _) in results.items():
+        if label is not None:
+            outcome.setting_scores[label] = setting_metrics[task.primary_metric]
+            outcome.history.append({"step": step, "epoch": epoch, "setting": label,
+                                    "score": setting_metrics[task.primary_metric], **setting_metrics})
+    log.info("eval step %d epoch %.2f: %s=%.4f %s", step, epoch, task.primary_metric, score,
+             {k: round(v, 4) for k, v in metrics.items()})
+    outcome.last = entry
+    outcome.predictions["last"] = predictions
+    if outcome.best is None or better(score, outcome.best["score"]):
+        outcome.best = entry
+        outcome.predictions["best"] = predictions
+
+
+def better(score: float, best: float) -> bool:
+    """Higher is better for every metric we select on; NaN (a constant prediction's correlation) never wins."""
+    return not math.isnan(score) and (math.isnan(best) or score > best)
