@@ -31,7 +31,14 @@ PROTOCOLS = ("standard", "holdout")
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the tokenizer's full definition (vocab, merges, normalizer, special tokens)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        # Truncation/padding state is set by each call (max_length is keyed separately), not part of the tokenizer.
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        text = json.dumps(definition, sort_keys=True)
+    else:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     text += json.dumps(tokenizer.special_tokens_map, sort_keys=True) + type(tokenizer).__name__
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

