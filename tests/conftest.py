@@ -68,3 +68,62 @@ def make_cfg(tmp_path, tiny_data_dir):
             return compose(config_name="config", overrides=base + list(overrides))
 
     return make
+
+
+# ---- SQuAD-format data ------------------------------------------------------------------------------------
+
+
+def squad_rows(rng: np.random.Generator, n_articles: int, questions_per_context: int, unanswerable: float,
+               prefix: str) -> list[dict]:
+    """Articles of two long contexts each; answers are whole-word spans, some questions have 2 gold answers.
+
+    Contexts are 50-90 words so that short windows (task.max_seq_len=48) split them into several.
+    """
+    rows = []
+    for a in range(n_articles):
+        title = f"{prefix}_article_{a}"
+        for c in range(2):
+            words = list(rng.choice(WORDS, size=int(rng.integers(50, 90))))
+            context = " ".join(words)
+            starts = np.cumsum([0] + [len(w) + 1 for w in words])
+            for q in range(questions_per_context):
+                qid = f"{prefix}{a:02d}{c}{q}"
+                question = "what " + sentence(rng, int(rng.integers(3, 7))) + " ?"
+                if rng.random() < unanswerable:
+                    answers = {"text": [], "answer_start": []}
+                else:
+                    i = int(rng.integers(0, len(words) - 3))
+                    while words[i] in ("the", "a"):  # an answer that normalises to "" scores F1 0 officially
+                        i += 1
+                    k = int(rng.integers(1, 4))
+                    gold = [" ".join(words[i:i + k])]
+                    answer_start = [int(starts[i])]
+                    if rng.random() < 0.3:  # a second annotator's shorter answer
+                        gold.append(words[i])
+                        answer_start.append(int(starts[i]))
+                    answers = {"text": gold, "answer_start": answer_start}
+                rows.append({"id": qid, "title": title, "context": context, "question": question, "answers": answers})
+    return rows
+
+
+def write_squad_split(folder: Path, split: str, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("id", pa.string()), ("title", pa.string()), ("context", pa.string()),
+                        ("question", pa.string()),
+                        ("answers", pa.struct([("text", pa.list_(pa.string())),
+                                               ("answer_start", pa.list_(pa.int32()))]))])
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / f"{split}.parquet")
+
+
+@pytest.fixture(scope="session")
+def squad_data_dir(tmp_path_factory) -> Path:
+    """squad/{train,validation} (all answerable) and squad_v2/{train,validation} (about 1/3 unanswerable)."""
+    root = tmp_path_factory.mktemp("squad_data")
+    rng = np.random.default_rng(7)
+    for name, unanswerable in (("squad", 0.0), ("squad_v2", 0.35)):
+        write_squad_split(root / name, "train", squad_rows(rng, 6, 4, unanswerable, "tr"))
+        write_squad_split(root / name, "validation", squad_rows(rng, 5, 3, unanswerable, "va"))
+    return root
