@@ -56,7 +56,7 @@ def base_weight_bytes(model: torch.nn.Module) -> int:
         if isinstance(module, torch.nn.Linear):
             weight = module.weight
             nbytes = getattr(weight, "storage_bytes", None)
-            total += nbytes() if callable(nbytes) else weight.numel() * weight.element_size()
+            total += nbytes() if callable(nbytes) else adapters.base.weight_bytes(weight)
     return total
 
 

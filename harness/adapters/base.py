@@ -224,6 +224,15 @@ class Variant:
         """Save the adapter in other tools' formats too (peft's, for variants peft has)."""
 
 
+def weight_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a weight occupies. A quantized tensor subclass (torchao NF4, int8) counts its parts (codes and
+    scales), not numel x its logical dtype's size."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(weight_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def kaiming_uniform_like_linear(weight: torch.Tensor) -> None:
     """nn.Linear's default init (kaiming-uniform with a=sqrt(5)), which LoRA and peft use for A."""
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))

@@ -1,4 +1,9 @@
-"""LoRA (Hu et al., 2021): W x + (alpha / r) * B A x with A (r x in) and B (out x r) trained, W frozen."""
+"""LoRA (Hu et al., 2021): W x + (alpha / r) * B A x with A (r x in) and B (out x r) trained, W frozen.
+
+`LoRA` is also the parent of the LoRA family (rsLoRA, DoRA, LoRA-FA, LoRA+, VeRA, Delta-LoRA, DyLoRA, QLoRA):
+it owns what they share — the layer, injection by name, and the peft side (`variant.impl=peft` injects peft's
+layers instead of ours; `save_other_formats` writes any of them in peft's own format).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.adapters import peft_bridge
 from harness.adapters.base import AdapterLinear, kaiming_uniform_like_linear, register
 from harness.adapters.inject import AdapterVariant
 
@@ -19,24 +25,53 @@ class LoRALinear(AdapterLinear):
         super().__init__(base)
         self.r = r
         self.scaling = scaling
+        # Adapter weights stay fp32 whatever the base holds (bf16, NF4): QLoRA's "adapter in full precision".
         factory = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
         kaiming_uniform_like_linear(self.lora_A)  # same init as peft's `init_lora_weights=True`
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, scaling) in use; DyLoRA narrows them to its current rank."""
+        return self.lora_A, self.lora_B, self.scaling
+
+    def scaled_down_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling * A dropout(x): the rank-r intermediate, where the scaling costs r/out of scaling the output."""
+        lora_A, _, scaling = self.factors()
+        return F.linear(self.lora_dropout(x).to(lora_A.dtype), lora_A) * scaling
+
     def delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        # Scaling applied to the rank-r intermediate: r/out of the work of scaling the output, nothing saved.
-        x = self.lora_dropout(x).to(self.lora_A.dtype)
-        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B).to(base_out.dtype)
+        _, lora_B, _ = self.factors()
+        return F.linear(self.scaled_down_projection(x), lora_B).to(base_out.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_out = self.base(x)
+        if self.merged:
+            return base_out
+        u = self.scaled_down_projection(x)
+        _, lora_B, _ = self.factors()
+        if u.dtype != base_out.dtype:  # e.g. a bf16 base without autocast: add in the base's precision
+            return base_out + F.linear(u, lora_B).to(base_out.dtype)
+        # base_out + u B^T as one GEMM accumulating into the base output: no separate add pass, no extra tensor.
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u.reshape(-1, u.shape[-1]), lora_B.t())
+        return out.view(base_out.shape)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
+        lora_A, lora_B, scaling = self.factors()
+        return (lora_B @ lora_A) * scaling
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}"
 
 
 @register("lora")
 class LoRA(AdapterVariant):
-    """LoRA with scaling alpha / r."""
+    """LoRA with scaling alpha / r.
+
+    With `impl=peft` the same targets get peft's layers (`peft_config()` says which), and the trainable
+    parameters are decided by the same `trainable` rule for both implementations, so counts and rows agree.
+    """
 
     layer_prefix = "lora_"
     peft_supported = True
@@ -44,5 +79,50 @@ class LoRA(AdapterVariant):
     def scaling(self) -> float:
         return self.option("alpha") / self.option("r")
 
-    def make_layer(self, name: str, base: nn.Linear) -> LoRALinear:
+    def make_layer(self, name: str, base: nn.Linear) -> AdapterLinear:
         return LoRALinear(base, self.option("r"), self.scaling(), self.option("dropout", 0.0))
+
+    # ---- both implementations ----------------------------------------------------------------------
+    @property
+    def impl(self) -> str:
+        return self.option("impl", "ours")
+
+    def inject(self, model: nn.Module, head: list[str]) -> list[str]:
+        self.head = list(head)
+        if self.impl == "peft":
+            self.targeted = peft_bridge.inject(model, self, head)
+        else:
+            self.targeted = super().inject(model, head)
+        # New adapter tensors start out trainable (and peft marks its own); freeze them all so that `trainable`
+        # alone decides, the same rule for both implementations (LoRA-FA: B only).
+        model.requires_grad_(False)
+        return self.targeted
+
+    def adapter_attribute(self, name: str) -> str | None:
+        """The adapter tensor a parameter name refers to (`lora_A`, `vera_lambda_d`), for our names
+        (`...query.lora_A`) and peft's (`...query.lora_A.default.weight`) alike; None for other parameters."""
+        return next((part for part in name.split(".") if part.startswith(self.layer_prefix)), None)
+
+    def is_adapter_param(self, name: str) -> bool:
+        return self.adapter_attribute(name) is not None
+
+    # ---- peft ---------------------------------------------------------------------------------------
+    def peft_config(self, targets: list[str]):
+        """The peft config that builds this variant's layers on exactly `targets` (full module names)."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.option("r"), lora_alpha=self.option("alpha"), lora_dropout=self.option("dropout", 0.0),
+                          target_modules=list(targets), bias="none", **self.peft_lora_options())
+
+    def peft_lora_options(self) -> dict:
+        """Extra `LoraConfig` switches of a subclass (rsLoRA: use_rslora, DoRA: use_dora)."""
+        return {}
+
+    def peft_shared_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors peft saves once for the whole model, by their key in peft's file (VeRA's projections)."""
+        return {}
+
+    def save_other_formats(self, model: nn.Module, folder) -> None:
+        """The adapter and head in peft's format too: `PeftModel.from_pretrained(base_model, folder)` loads them."""
+        if self.peft_supported:
+            peft_bridge.save(model, self, folder)
