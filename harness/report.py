@@ -261,8 +261,9 @@ def resampled_metric(metric: str, weights: np.ndarray, draws: np.ndarray, arrays
 
     MCC, F1, Pearson and Spearman are not means of per-example scores, so they are recomputed from resampled
     sufficient statistics (confusion counts, moments, ranks) with the formulas scikit-learn and SciPy use;
-    tests check them against harness.metrics. A per-example column named like the metric (SQuAD exact/F1) is averaged, since
-    those metrics are means. Anything else falls back to harness.metrics on each resample (`draws`).
+    tests check them against harness.metrics. A per-example column named like the metric (SQuAD exact/F1) is
+    averaged, since those metrics are means. Anything else falls back to harness.metrics on each resample
+    (`draws`).
     """
     n = weights.shape[1]
     if metric in arrays:
@@ -761,12 +762,12 @@ def results_grid(table: PaperTable) -> Grid:
                         for t in dict.fromkeys(c.task for c in table.columns))
     caption = (
         f"Results of {', '.join(models)} on the validation sets: each cell is the median over seeds ± the sample "
-        f"standard deviation ({table.max_seeds} seeds unless n= says fewer). Every run is scored at its best "
-        "evaluation (best-epoch selection on the validation set, as in the LoRA paper). Metrics: "
-        f"{metrics}; GLUE scores x100. Avg. is the mean of the tasks' first (primary) columns, for rows with "
-        "every task. Bold: best in the column. Underlined: not significantly different from the bold one — "
-        f"paired bootstrap over validation examples ({table.resamples} resamples, seed {table.seed}, all seeds, "
-        f"each resample scored as the median over seeds): the {table.level:.0%} percentile interval of "
+        f"standard deviation ({table.max_seeds} seed{'s' if table.max_seeds != 1 else ''} unless n= says fewer). "
+        "Every run is scored at its best evaluation (best-epoch selection on the validation set, as in the LoRA "
+        f"paper). Metrics: {metrics}; GLUE scores x100. Avg. is the mean of the tasks' first (primary) columns, "
+        "for rows with every task. Bold: best in the column. Underlined: not significantly different from the "
+        f"bold one — paired bootstrap over validation examples ({table.resamples} resamples, seed {table.seed}, "
+        f"all seeds, each resample scored as the median over seeds): the {table.level:.0%} percentile interval of "
         "(best − row) contains 0. Avg. is not tested.")
     notes = [table.head_note]
     if table.protocols:
@@ -1012,7 +1013,12 @@ def rank_scores(rows: pd.DataFrame) -> pd.DataFrame:
 # ---- plots -------------------------------------------------------------------------------------------
 PLOT_STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
               "axes.grid": True, "grid.alpha": 0.3, "svg.hashsalt": "harness-report", "svg.fonttype": "none"}
-MARKERS = "osD^v<>pPX*h"
+MARKERS = "osD^v<>pPX*hd8"
+# tab10, then five colours from ColorBrewer's Dark2 that no tab10 colour resembles: 15 distinguishable
+# variants (tab20 would pair each colour with a pale copy of itself).
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#000000", "#e7298a", "#a6761d", "#1b9e77", "#7570b3")
+LINESTYLES = ("-", "--", ":", "-.")
 
 
 def styled(plot: Callable) -> Callable:
@@ -1043,11 +1049,14 @@ def figure(panels: int, columns: int = 3, width: float = 4.2, height: float = 3.
 
 def variant_styles(groups: pd.DataFrame) -> dict[str, dict]:
     """A fixed colour and marker per variant (and impl), in table order, so every plot agrees."""
-    import matplotlib
-
     names = list(dict.fromkeys(zip(groups.variant, groups.impl)))
-    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
-    return {key: {"color": cmap(i % cmap.N), "marker": MARKERS[i % len(MARKERS)]} for i, key in enumerate(names)}
+    return {key: {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)]}
+            for i, key in enumerate(names)}
+
+
+def rank_linestyle(groups: pd.DataFrame, variant: str, rank) -> str:
+    """Solid for a variant's smallest rank, then dashed, dotted, dash-dotted: ranks of one colour stay apart."""
+    return "-" if pd.isna(rank) else LINESTYLES[ranks_of(groups, variant).index(rank) % len(LINESTYLES)]
 
 
 def series_label(variant: str, impl: str, rank=None) -> str:
@@ -1153,13 +1162,9 @@ def plot_score_vs_params(table: PaperTable):
                 ax.axhline(part["median"].iloc[0], color=style["color"], linestyle=":", linewidth=1.6,
                            label=series_label(variant, impl) + " (0 params beyond head)")
                 continue
-            part = part[part.params_min > 0]
-            ax.errorbar(part.params_min, part["median"], yerr=part["std"].fillna(0), linestyle="none", capsize=3,
+            part = part[part.params_min > 0].sort_values("params_min")  # a variant's ranks, joined left to right
+            ax.errorbar(part.params_min, part["median"], yerr=part["std"].fillna(0), linewidth=0.8, capsize=3,
                         markersize=7, label=series_label(variant, impl), **style)
-            for row in part.itertuples():
-                if pd.notna(row.rank):
-                    ax.annotate(f"r={int(row.rank)}", (row.params_min, row._asdict()["median"]),
-                                textcoords="offset points", xytext=(5, 4), fontsize=8, color=style["color"])
         if len(placed):
             front = placed.iloc[pareto_front(placed.params_min.to_numpy(float), placed["median"].to_numpy(float))]
             ax.step(front.params_min, front["median"], where="post", color="black", linewidth=1, alpha=0.7,
@@ -1194,8 +1199,9 @@ def plot_efficiency(frame: pd.DataFrame):
         axes[2].barh(y, values, left=left, color=color, label=legend)
         left += values
     axes[2].set_title("Memory account (exact)")
-    axes[2].set_xlabel(f"{unit} (parameters + gradients + optimizer + activations)")
-    axes[2].legend(loc="lower right", fontsize=8, framealpha=0.9)
+    axes[2].set_xlabel(unit)
+    fig.legend(*axes[2].get_legend_handles_labels(), loc="outside lower center", ncols=4, frameon=False,
+               title="memory account")
     kinds = "/".join(sorted(set(frame.peak_memory_kind)))
     unit, size = byte_unit(frame.peak_memory_bytes)
     axes[3].barh(y, frame.peak_memory_bytes.fillna(0) / size, color=colors)
@@ -1210,32 +1216,35 @@ def plot_efficiency(frame: pd.DataFrame):
 
 
 @styled
-def plot_training_curves(rows: pd.DataFrame, history: pd.DataFrame | None = None):
+def plot_training_curves(rows: pd.DataFrame, history: pd.DataFrame | None = None, ranks: Iterable[int] | None = None):
     """Validation score and training loss against step, per task; one line per row of the table (median
-    over seeds at each evaluation)."""
+    over seeds at each evaluation). Rank-using variants are drawn at `ranks` (default: the middle of the
+    ranks run, e.g. 8 of 4/8/16): one line per variant stays readable with a dozen variants."""
     history = histories(rows) if history is None else history
     if history.empty:
         raise ReportError("no history.parquet beside the ok rows: nothing to plot")
     groups = group_frame(ok_rows(rows))
     styles = variant_styles(groups)
+    run_ranks = sorted(groups["rank"].dropna().unique().tolist())
+    ranks = set(run_ranks[(len(run_ranks) - 1) // 2: (len(run_ranks) - 1) // 2 + 1] if ranks is None else ranks)
+    shown = groups[groups["rank"].isna() | groups["rank"].isin(ranks)]
     tasks = sorted(set(history.task), key=task_position)
     fig, axes = figure(2 * len(tasks), columns=len(tasks), width=4.2, height=3.0)
     curves = history.groupby(["group", "task", "step"], sort=False)[["score", "train_loss"]].median().reset_index()
     for j, task in enumerate(tasks):
-        for row in groups.itertuples():
+        for row in shown.itertuples():
             part = curves[(curves.group == row.group) & (curves.task == task)].sort_values("step")
             if part.empty:
                 continue
-            style = dict(styles[(row.variant, row.impl)])
-            style["linestyle"] = ["-", "--", ":", "-."][ranks_of(groups, row.variant).index(row.rank)
-                                                         % 4] if pd.notna(row.rank) else "-"
+            style = dict(styles[(row.variant, row.impl)], linestyle=rank_linestyle(shown, row.variant, row.rank))
             label = series_label(row.variant, row.impl, row.rank)
             axes[j].plot(part.step, part.score * task_scale(rows, task), markersize=4, label=label, **style)
             axes[len(tasks) + j].plot(part.step, part.train_loss, markersize=4, label=label, **style)
         finish_axes(axes[j], f"{TASK_LABELS.get(task, task)}: validation", "optimizer step", primary_of(rows, task))
         finish_axes(axes[len(tasks) + j], f"{TASK_LABELS.get(task, task)}: training", "optimizer step",
                     "training loss (mean since last eval)", min_span=0.01)
-    fig.suptitle("Training curves (median over seeds at each evaluation)")
+    at = f"; rank-using variants at r={', '.join(str(int(r)) for r in sorted(ranks))}" if run_ranks else ""
+    fig.suptitle(f"Training curves (median over seeds at each evaluation{at})")
     legend_below(fig, axes)
     return fig
 
@@ -1275,7 +1284,7 @@ def plot_rank_curve(rows: pd.DataFrame, scores: pd.DataFrame | None = None):
                 continue
             ax.errorbar(part["rank"], part["median"], yerr=part["std"].fillna(0), capsize=3, linewidth=1.6,
                         label=f"{series_label(row.variant, row.impl, row.rank)} (trained)",
-                        **styles[(row.variant, row.impl)])
+                        linestyle=rank_linestyle(groups, row.variant, row.rank), **styles[(row.variant, row.impl)])
         ax.set_xscale("log", base=2)
         ticks = sorted(set(stats[stats.task == task]["rank"].dropna().astype(int)))
         ax.set_xticks(ticks, [str(t) for t in ticks])
