@@ -228,7 +228,7 @@ def test_peft_loads_what_the_harness_saved_and_predicts_the_same(make_cfg, name,
     variant.save_other_formats(model, tmp_path)
     torch.manual_seed(cfg.seed)
     base = models.load(cfg.model, "classification", 2, cfg.data.cache_dir, with_tokenizer=False).model
-    loaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    loaded = PeftModel.from_pretrained(base, tmp_path / "peft_adapter").eval()
     ids, _ = ids_and_labels()
     model.eval()
     with torch.no_grad():
@@ -366,7 +366,8 @@ def test_every_adapter_trains_through_run_and_writes_its_row(make_cfg, name):
     if name == "delta_lora":
         assert any(key.endswith(".base.weight") for key in saved)  # the updated W is part of the adapter
     if VARIANTS[name].peft_supported:
-        assert (artifacts / "adapter_config.json").exists() and (artifacts / "adapter_model.safetensors").exists()
+        peft_folder = artifacts / "peft_adapter"
+        assert (peft_folder / "adapter_config.json").exists() and (peft_folder / "adapter_model.safetensors").exists()
 
 
 # ---- bad configs -------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ layers instead of ours; `save_other_formats` writes any of them in peft's own fo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,8 @@ from torch import nn
 from harness.adapters import peft_bridge
 from harness.adapters.base import AdapterLinear, kaiming_uniform_like_linear, register
 from harness.adapters.inject import AdapterVariant
+
+PEFT_FOLDER = "peft_adapter"  # beside the run's adapter.safetensors
 
 
 class LoRALinear(AdapterLinear):
@@ -123,6 +127,7 @@ class LoRA(AdapterVariant):
         return {}
 
     def save_other_formats(self, model: nn.Module, folder) -> None:
-        """The adapter and head in peft's format too: `PeftModel.from_pretrained(base_model, folder)` loads them."""
+        """The adapter and head in peft's format too, in `<folder>/peft_adapter`:
+        `PeftModel.from_pretrained(base_model, <folder>/peft_adapter)` loads them."""
         if self.peft_supported:
-            peft_bridge.save(model, self, folder)
+            peft_bridge.save(model, self, Path(folder) / PEFT_FOLDER)
