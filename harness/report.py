@@ -71,6 +71,9 @@ VARIANT_LABELS = {"full": "Full FT", "head": "Head only", "bitfit": "BitFit", "l
                   "dylora": "DyLoRA", "adalora": "AdaLoRA", "qlora": "QLoRA"}
 TEXT_SUFFIXES = (".md", ".tex", ".csv")  # what --check compares (plots are regenerated, not compared)
 RESAMPLES, LEVEL, SEED = 1000, 0.95, 0
+# The bootstrap scores fractions (GLUE metrics as harness.metrics returns them; SQuAD's per-example exact/F1
+# columns are 0..1), while the table shows points (GLUE x100; SQuAD's row metrics are 0..100 already).
+BOOTSTRAP_SCALE = 100.0
 
 
 def variant_label(variant: str) -> str:
@@ -384,8 +387,8 @@ def paired_bootstrap(groups: Mapping[str, Sequence[pd.DataFrame]], metric: str, 
     frames, union = aligned(frames, key)
     n = len(frames[0])
     if n == 0:
-        raise ReportError("paired_bootstrap: the prediction frames share no example; they must score the same "
-                          f"evaluation set (paired by {'/'.join(key)})")
+        raise ReportError("the prediction frames share no example (paired by " + "/".join(key) + "); they must "
+                          "score the same evaluation set, e.g. data.max_eval_samples draws a subset per seed")
     columns = [c for c in ("label", "prediction", metric) if c in frames[0]]
     arrays = [{c: frame[c].to_numpy() for c in columns} for frame in frames]
     owners = np.repeat(np.arange(len(names)), [len(groups[name]) for name in names])
@@ -567,15 +570,21 @@ def mark_ties(cells: pd.DataFrame, ok: pd.DataFrame, columns: list[Column], resa
             if missing:
                 untested.append(f"{column.label}: no saved predictions for {', '.join(sorted(missing))}")
             stream = zlib.crc32(f"{model}/{column.label}".encode())  # one stream per column: stable under additions
-            test = paired_bootstrap(frames, column.base_metric, reference, resamples, [seed, stream], level)
+            try:
+                test = paired_bootstrap(frames, column.base_metric, reference, resamples, [seed, stream], level)
+            except ReportError as err:  # e.g. data.max_eval_samples drew a different subset for every seed
+                untested.append(f"{column.label}: not tested, {err}")
+                continue
             if int(test.examples.iloc[0]) < int(test.examples_any_seed.iloc[0]):
                 untested.append(f"{column.label}: the seeds scored different example sets; the test used the "
                                 f"{int(test.examples.iloc[0])} of {int(test.examples_any_seed.iloc[0])} they share")
             rows = (cells.column == column.label) & cells.group.isin(test.index)
             for name in ("tied", "diff_low", "diff_high", "p_at_least_as_good", "examples"):
                 cells.loc[rows, name] = cells.loc[rows, "group"].map(test[name]).to_numpy()
-            scale = column.scale
-            cells.loc[rows, ["diff_low", "diff_high"]] *= scale
+            cells.loc[rows, ["diff_low", "diff_high"]] *= BOOTSTRAP_SCALE
+            # 4 decimals: a last-bit difference in a BLAS sum must not make --check fail on another machine
+            cells.loc[rows, ["diff_low", "diff_high", "p_at_least_as_good"]] = (
+                cells.loc[rows, ["diff_low", "diff_high", "p_at_least_as_good"]].astype(float).round(4) + 0.0)
     return cells, untested
 
 
@@ -585,8 +594,8 @@ def head_note(ok: pd.DataFrame) -> str:
     parts = []
     for (model, size), tasks in sizes.items():
         parts.append(f"{int(size):,} for {model} on {', '.join(TASK_LABELS.get(t, t) for t in tasks)}")
-    return ("Trainable parameters exclude the task head (classifier; for BERT-family encoders also the pooler), "
-            "which every variant trains: " + "; ".join(parts) + ".")
+    return ("Trainable parameters exclude the task head (classifier, or QA outputs; for BERT-family encoders "
+            "also the pooler), which every variant trains: " + "; ".join(parts) + ".")
 
 
 def task_position(task: str) -> int:
@@ -771,7 +780,7 @@ def results_grid(table: PaperTable) -> Grid:
         "(best − row) contains 0. Avg. is not tested.")
     notes = [table.head_note]
     if table.protocols:
-        notes.append("† Non-standard protocol (data.protocol=holdout), not comparable with GLUE dev scores: "
+        notes.append("† Non-standard protocol (data.protocol=holdout), not comparable with published dev-set scores: "
                      + " | ".join(table.protocols))
     notes += [f"Bootstrap: {u}." for u in table.untested]
     after = []

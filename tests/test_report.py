@@ -137,7 +137,7 @@ def test_holdout_rows_are_marked(results_dir):
     text = report.markdown(report.results_grid(report.paper_table(rows, resamples=50)))
     header = next(line for line in text.splitlines() if line.startswith("| Method"))
     assert "RTE†" in header and "Avg.†" in header and "STS-B†" not in header
-    assert f"† Non-standard protocol (data.protocol=holdout), not comparable with GLUE dev scores: {protocol}" in text
+    assert f"† Non-standard protocol (data.protocol=holdout), not comparable with published dev-set scores: {protocol}" in text
 
 
 def test_rows_mixing_two_configs_as_seeds_are_refused(results_dir):
