@@ -107,8 +107,26 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(tensor_bytes(v for v in state.values() if torch.is_tensor(v)) for state in optimizer.state.values())
 
 
+def reset_cpu_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux VmHWM) so that each run in a long-lived process (a sweep)
+    measures its own peak; False where the platform cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def cpu_peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size since the last reset (Linux VmHWM), else since the process started."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -187,6 +205,7 @@ def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    reset_cpu_peak_rss()
     log.info("training %d steps (%d per epoch, warmup %d) on %s", total_steps, steps_per_epoch, warmup, device)
 
     step = 0

@@ -193,11 +193,13 @@ class Task:
             shutil.rmtree(tmp, ignore_errors=True)
         return datasets.load_from_disk(str(folder))
 
-    def limit(self, ds: datasets.Dataset, key: str, seed: int) -> datasets.Dataset:
+    def limit(self, ds: datasets.Dataset, key: str) -> datasets.Dataset:
+        """The first n rows of a fixed shuffle (data.subset_seed, not the run's seed): every seed and every
+        variant sees the same subset, so their scores are paired and comparable."""
         n = self.data_cfg.get(key)
         if n is None or n >= len(ds):
             return ds
-        return ds.shuffle(seed=seed).select(range(n))
+        return ds.shuffle(seed=self.data_cfg.get("subset_seed", 0)).select(range(n))
 
     # ---- what subclasses provide --------------------------------------------------------------------
     def datasets(self, tokenizer, seed: int) -> tuple[datasets.Dataset, dict[str, datasets.Dataset]]:

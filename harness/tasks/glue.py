@@ -50,8 +50,8 @@ class GlueTask(Task):
             if len(ds) and min(ds["label"]) < 0:
                 raise ValueError(f"task {self.name}: split {name!r} has no labels (a test split?); "
                                  "evaluate on a validation split")
-        train = self.limit(train, "max_train_samples", seed)
-        evals = {name: self.limit(ds, "max_eval_samples", seed) for name, ds in evals.items()}
+        train = self.limit(train, "max_train_samples")
+        evals = {name: self.limit(ds, "max_eval_samples") for name, ds in evals.items()}
         return train, evals
 
     def collate(self, tokenizer):
