@@ -7,21 +7,43 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness.errors import HarnessError
+from harness import results, sweep
+from harness.errors import ConfigError, Interrupted
 from harness.run import run
+from harness.sweep import RunFailed
 
 log = logging.getLogger("harness")
 
-
-class RunFailed(HarnessError):
-    pass
+__all__ = ["main", "RunFailed"]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    row = run(cfg)
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    if row["status"] != "ok" and (not multirun or cfg.fail_fast):
+    """Run one config and return its primary score (what hydra-optuna-sweeper maximises).
+
+    A run that does not end `ok` raises RunFailed after its row is written: a single run exits non-zero,
+    and in a sweep the job is marked failed (the harness sweeper goes on unless fail_fast=true; optuna
+    records a failed trial). SIGTERM/SIGINT end the whole sweep, not just the current run.
+    """
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if cfg.dry_run:
+        if multirun:
+            raise ConfigError("dry_run=true lists a grid sweep's jobs without launching them, which only the "
+                              "harness sweeper does (hydra/sweeper=harness, the default); this sweeper "
+                              f"({hydra_cfg.sweeper._target_}) launched the job instead")
+        state = sweep.job_state(cfg, list(hydra_cfg.overrides.task))
+        print(sweep.format_listing(cfg.sweep_name, [state]), flush=True)
+        return float("nan")
+    sweep.configure_resources(hydra_cfg.launcher, int(hydra_cfg.job.get("num") or 0) if multirun else 0)
+    key = results.run_key(cfg)
+    try:
+        with sweep.claim_run(cfg, key):
+            row = run(cfg)
+    except Interrupted as err:  # the row says "interrupted"; stop the sweep too (a launcher would go on)
+        log.warning("stopping: %s", err)
+        raise SystemExit(143) from err
+    if row["status"] != "ok":
         raise RunFailed(f"run {row['run_key']} {row['status']}: {row['error']}")
     score = row.get("score_best")
     return float("nan") if score is None else float(score)

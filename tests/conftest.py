@@ -127,3 +127,30 @@ def squad_data_dir(tmp_path_factory) -> Path:
         write_squad_split(root / name, "train", squad_rows(rng, 6, 4, unanswerable, "tr"))
         write_squad_split(root / name, "validation", squad_rows(rng, 5, 3, unanswerable, "va"))
     return root
+
+
+# ---- sweeps (tests/test_sweeps.py) ---------------------------------------------------------------------
+@pytest.fixture
+def harness_cli(tmp_path, tiny_data_dir):
+    """cli(*overrides, sweep="smoke", wait=True): `python -m harness +sweep=<sweep> <overrides>` in a subprocess,
+    on the tiny data, writing under tmp_path/results. Returns the CompletedProcess, or the Popen when wait=False
+    (output to tmp_path/cli-<n>.out/.err, so a long sweep never blocks on a full pipe). Offline, one torch thread."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HARNESS_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    base = [f"data.dir={tiny_data_dir}", f"results_dir={tmp_path / 'results'}",
+            f"data.cache_dir={tmp_path.parent / 'harness-cache'}"]
+    count = iter(range(1000))
+
+    def cli(*overrides: str, sweep: str = "smoke", wait: bool = True, timeout: float = 600):
+        cmd = [sys.executable, "-m", "harness", f"+sweep={sweep}", *base, *overrides]
+        if wait:
+            return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        n = next(count)
+        out, err = open(tmp_path / f"cli-{n}.out", "w"), open(tmp_path / f"cli-{n}.err", "w")  # noqa: SIM115
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+
+    cli.results = tmp_path / "results"
+    return cli

@@ -1,0 +1,117 @@
+"""`hydra/sweeper=harness`: Hydra's basic grid sweeper, plus what a benchmark grid needs.
+
+Select it in a sweep file (`defaults: [override /hydra/sweeper: harness]`; conf/config.yaml makes it the
+default for every multirun). Config (hydra.sweeper.*):
+
+  params:             the grid, same syntax as the basic sweeper (`a: 1,2`, `range(3)`, `glob(*)`), crossed
+                      with any sweep given on the command line
+  rank_params:        keys left out for rank-free variants (registry class `uses_rank = False`), so those
+                      run once per task x seed, not once per rank. Default: [variant.r]
+  when:               {"key=value": [overrides]}: added to the jobs with that choice, in order, replacing
+                      earlier overrides of the same keys (`variant=full: [recipe=fairseq_roberta]`)
+  max_batch_size:     jobs handed to the launcher at once (null: all). With fail_fast=true the default is
+                      the launcher's parallelism, so the sweep stops soon after the first failure.
+
+Before launching, it composes every job's config as the launcher will, and skips jobs whose run_key
+already has an `ok` row (logging each). With `dry_run=true` it prints the job list with each job's
+run_key and status and launches nothing. The logic lives in harness/sweep.py; this file is the plugin shell.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HarnessSweeperConf:
+    _target_: str = "hydra_plugins.harness_sweeper.harness_sweeper.HarnessSweeper"
+    params: Optional[Dict[str, str]] = None
+    rank_params: List[str] = field(default_factory=lambda: ["variant.r"])
+    when: Dict[str, List[str]] = field(default_factory=dict)
+    max_batch_size: Optional[int] = None
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="harness", node=HarnessSweeperConf, provider="harness")
+
+
+class HarnessSweeper(BasicSweeper):
+    def __init__(self, params: Optional[Dict[str, str]] = None, rank_params: Sequence[str] = ("variant.r",),
+                 when: Optional[Dict[str, List[str]]] = None,
+                 max_batch_size: Optional[int] = None) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.rank_params = list(rank_params)
+        self.when = {k: list(v) for k, v in (when or {}).items()}
+
+    def compose(self, overrides: List[str]) -> DictConfig:
+        """A job's config, composed exactly as the launcher composes it, without the hydra node."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(master_config=self.config,
+                                                                 sweep_overrides=list(overrides))
+        return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+
+    def jobs(self, arguments: List[str]) -> List[List[str]]:
+        from harness.sweep import expand_jobs
+
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides(self._parse_config() + list(arguments))
+        grid = self.split_arguments(overrides, None)[0]
+        default_variant = self.config.hydra.runtime.choices.get("variant")
+        return expand_jobs(grid, default_variant, self.rank_params, self.when)
+
+    def batch_size(self) -> Optional[int]:
+        """Jobs per launch: max_batch_size; with fail_fast, as many as the launcher runs at once."""
+        if self.max_batch_size or not self.config.get("fail_fast"):
+            return self.max_batch_size
+        launcher = self.config.hydra.launcher
+        return int(launcher.get("n_jobs") or 0) if int(launcher.get("n_jobs") or 0) > 0 else (
+            int(launcher.get("array_parallelism") or 1) if "submitit" in str(launcher.get("_target_", "")) else 1)
+
+    def sweep(self, arguments: List[str]) -> Any:
+        from harness.sweep import RunBusy, RunFailed, format_listing, job_states
+
+        sweep_name = self.config.get("sweep_name")
+        states = job_states(self.jobs(arguments), self.compose)  # also validates every job's config
+        if self.config.get("dry_run"):
+            print(format_listing(sweep_name, states), flush=True)
+            return []
+        for state in states:
+            if state.done:
+                log.info("skip run %s (%s): it already has an ok row", state.run_key, " ".join(state.overrides))
+        todo = [s.overrides for s in states if not s.done]
+        log.info("sweep %s: %d jobs, %d already done, %d to run", sweep_name, len(states),
+                 len(states) - len(todo), len(todo))
+
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns: List[Sequence[JobReturn]] = []
+        size = self.batch_size() or max(1, len(todo))
+        job_idx = 0
+        for start in range(0, len(todo), size):
+            batch = todo[start:start + size]
+            results = self.launcher.launch(batch, initial_job_idx=job_idx)
+            job_idx += len(batch)
+            returns.append(results)
+            for overrides, ret in zip(batch, results):
+                if ret.status != JobStatus.FAILED:
+                    continue
+                error = ret._return_value  # the job's exception (return_value would re-raise it)
+                if isinstance(error, RunBusy):
+                    log.info("%s", error)
+                elif isinstance(error, RunFailed):
+                    if self.config.get("fail_fast"):
+                        raise error
+                else:  # the job crashed before or after writing its row: a bug, say so loudly
+                    log.error("job %s crashed without a result row: %s: %s", " ".join(overrides),
+                              type(error).__name__, error)
+                    if self.config.get("fail_fast"):
+                        raise error
+        return returns

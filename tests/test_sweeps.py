@@ -1,0 +1,333 @@
+"""Sweeps: the grid (rank-free variants once), the job listing, resume after a kill, parallel runs, launchers.
+
+The subprocess tests run `python -m harness +sweep=smoke` (tiny model, tiny data) as a user would. Which runs
+were trained is read from the job logs every launcher writes (results/<sweep>/logs/<time>/<job>/__main__.log):
+run.py logs `run <key>: ...` when it starts training and `run <key> <status>: ...` when it writes the row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from harness import results, sweep
+from harness.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = str(REPO / "conf")
+SWEEPS = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))
+RANK_FREE = {"full", "head", "bitfit"}
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+def listing(stdout: str) -> list[tuple[str, str, str]]:
+    """(status, run_key, overrides) per job line of a dry-run listing."""
+    return [tuple(line.split("\t")[1:4]) for line in stdout.splitlines() if re.match(r"^\d+\t", line)]
+
+
+def job_logs(results_dir: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(results_dir.glob("*/logs/*/*/__main__.log")))
+
+
+def started(results_dir: Path) -> Counter:
+    """How many times each run_key started training, over every sitting."""
+    return Counter(re.findall(r"\brun ([0-9a-f]{16}): task=", job_logs(results_dir)))
+
+
+def finished(results_dir: Path, status: str = "ok") -> Counter:
+    return Counter(re.findall(rf"\brun ([0-9a-f]{{16}}) {status}: ", job_logs(results_dir)))
+
+
+def rows(results_dir: Path, sweep_name: str = "smoke") -> dict[str, dict]:
+    """Every row of the sweep by run_key; reading each file also proves none is half-written."""
+    return {r["run_key"]: r for r in (pq.read_table(p).to_pylist()[0]
+                                      for p in sorted(results.runs_dir(results_dir, sweep_name).glob("*.parquet")))}
+
+
+def wait_for(condition, timeout: float = 300, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def fake_rank_used(variant: str) -> bool:
+    if variant not in {"lora", "dora", "full", "head"}:
+        raise ConfigError(f"variant={variant!r} is not registered")
+    return variant not in RANK_FREE
+
+
+# ---- the grid --------------------------------------------------------------------------------------------
+def grid(**axes: list) -> list[list[str]]:
+    import itertools
+
+    return [[f"{k}={v}" for k, v in zip(axes, values)] for values in itertools.product(*axes.values())]
+
+
+def test_rank_free_variants_run_once_per_task_and_seed_not_once_per_rank():
+    points = grid(task=["rte", "mrpc"], variant=["lora", "full", "dora", "head"], **{"variant.r": [4, 8, 16]},
+                  seed=[0, 1])
+    jobs = sweep.expand_jobs(points, "lora", ["variant.r"], rank_used=fake_rank_used)
+    assert len(jobs) == 2 * (2 * 3 + 2) * 2 == len({tuple(j) for j in jobs})
+    assert ["task=rte", "variant=full", "seed=0"] in jobs
+    assert not any("variant.r=" in o for j in jobs for o in j if j[1] in ("variant=full", "variant=head"))
+    assert sum(j[1] == "variant=dora" for j in jobs) == 2 * 3 * 2
+
+
+def test_rank_free_is_read_from_the_variant_registry():
+    from harness.adapters import VARIANTS
+
+    assert {name for name, cls in VARIANTS.items() if not cls.uses_rank} == RANK_FREE
+    assert all(sweep.uses_rank(name) for name in VARIANTS if name not in RANK_FREE)
+    with pytest.raises(ConfigError, match="registered variants: .*lora"):
+        sweep.uses_rank("lorra")
+
+
+def test_when_adds_overrides_to_matching_jobs_replacing_the_same_key():
+    points = grid(task=["rte", "cola"], variant=["lora", "full"], **{"train.lr": ["5e-4"]})
+    when = {"variant=full": ["recipe=fairseq_roberta", "train.lr=1e-5"], "task=cola": ["train.max_steps=10"]}
+    jobs = sweep.expand_jobs(points, "lora", ["variant.r"], when, rank_used=fake_rank_used)
+    assert jobs == [["task=rte", "variant=lora", "train.lr=5e-4"],
+                    ["task=rte", "variant=full", "recipe=fairseq_roberta", "train.lr=1e-5"],
+                    ["task=cola", "variant=lora", "train.lr=5e-4", "train.max_steps=10"],
+                    ["task=cola", "variant=full", "recipe=fairseq_roberta", "train.lr=1e-5", "train.max_steps=10"]]
+    # the default variant (not swept) counts as the job's choice
+    assert sweep.expand_jobs(grid(task=["rte"]), "full", ["variant.r"], {"variant=full": ["seed=3"]},
+                             rank_used=fake_rank_used) == [["task=rte", "seed=3"]]
+
+
+@pytest.mark.parametrize("when,message", [({"variant=ful": ["seed=1"]}, "not registered"),
+                                          ({"task=wnli": ["seed=1"]}, "match no job"),
+                                          ({"variant": ["seed=1"]}, "key=value")])
+def test_when_typos_are_errors(when, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep.expand_jobs(grid(task=["rte"], variant=["lora"]), "lora", ["variant.r"], when,
+                          rank_used=fake_rank_used)
+
+
+# ---- the sweep files -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", sorted((REPO / "conf" / "sweep").glob("*.yaml"))
+                         + sorted((REPO / "conf" / "recipe").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_sweep_and_recipe_files_are_global_with_a_command_in_the_header(path):
+    first, second = path.read_text().splitlines()[:2]
+    assert first == "# @package _global_", "Hydra reads @package only on the first line"
+    assert second.startswith("# python -m harness"), second
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_sweep_is_a_named_multirun_with_its_params_in_the_file(name):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+sweep={name}"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.sweep_name == name
+    assert cfg.hydra.sweeper.params, "sweeper params belong in the sweep file"
+
+
+def test_recipes_follow_the_papers():
+    def train(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+        return cfg.train, cfg.task.max_seq_len
+
+    lora_cola, seq = train("recipe=lora_paper", "task=cola")
+    assert (lora_cola.batch_size, lora_cola.epochs, lora_cola.lr, lora_cola.warmup_ratio, lora_cola.weight_decay,
+            seq) == (32, 80, 4e-4, 0.06, 0.1, 512)
+    full_rte, _ = train("recipe=fairseq_roberta", "task=rte", "variant=full")
+    assert (full_rte.batch_size, full_rte.epochs, full_rte.lr, list(full_rte.adam_betas)) == (16, 10, 2e-5, [0.9, 0.98])
+    assert train("recipe=fairseq_roberta", "task=qqp")[0].warmup_ratio == 0.25  # fairseq's table: 28318/113272
+    assert train("recipe=lora_paper", "task=wnli")[0].epochs == 3  # not in the paper: train/default.yaml
+
+
+# ---- locks and resources -------------------------------------------------------------------------------
+def test_a_run_is_claimed_by_one_process_and_freed_when_its_holder_is_killed(tmp_path):
+    cfg = OmegaConf.create({"results_dir": str(tmp_path), "sweep_name": "s"})
+    with sweep.claim_run(cfg, "k1"):
+        with pytest.raises(sweep.RunBusy, match="another process"), sweep.claim_run(cfg, "k1"):
+            pass
+        with sweep.claim_run(cfg, "k2"):
+            pass
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); "
+        "time.sleep(60)"), str(sweep.lock_path(cfg, "k1"))], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(sweep.RunBusy):
+        with sweep.claim_run(cfg, "k1"):
+            pass
+    holder.kill()
+    holder.wait()
+    with sweep.claim_run(cfg, "k1"):  # SIGKILL left no stale claim
+        pass
+
+
+def test_parallel_jobs_get_distinct_gpus(tmp_path):
+    first = sweep.claim_gpu(["0", "1"], tmp_path, start=0)
+    second = sweep.claim_gpu(["0", "1"], tmp_path, start=0)
+    assert {first[0], second[0]} == {"0", "1"}
+    assert sweep.claim_gpu(["0", "1"], tmp_path, start=1) is None  # all taken
+    first[1].close()
+    assert sweep.claim_gpu(["0", "1"], tmp_path, start=1)[0] == first[0]
+
+
+def test_threads_per_job_keep_jobs_times_threads_within_the_cores(monkeypatch):
+    monkeypatch.delenv("HARNESS_THREADS", raising=False)
+    joblib = lambda n: OmegaConf.create({"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",  # noqa: E731
+                                         "n_jobs": n})
+    assert [sweep.torch_threads(joblib(n), 8) for n in (1, 2, 3, 8, -1, -3)] == [8, 4, 2, 1, 1, 1]
+    assert sweep.local_parallel_jobs(joblib(-3), 8) == 6
+    slurm = OmegaConf.create({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+                              "cpus_per_task": 10})
+    assert sweep.torch_threads(slurm, 64) == 10 and sweep.local_parallel_jobs(slurm, 64) == 1
+    assert sweep.torch_threads(OmegaConf.create({"_target_": "BasicLauncher"}), 8) is None
+    monkeypatch.setenv("HARNESS_THREADS", "3")
+    assert sweep.torch_threads(joblib(2), 8) == 3
+
+
+def test_visible_gpus_come_from_cuda_visible_devices_without_initialising_cuda(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert sweep.visible_gpus() == ["2", "3"]
+
+
+def test_summary_lists_this_sittings_failures(tmp_path):
+    before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    base = {"sweep": "s", "task": "rte", "variant": "lora", "seed": 0, "finished_at": before.isoformat()}
+    results.write_row(tmp_path, "s", {**base, "run_key": "a" * 16, "status": "ok", "rank": 8})
+    results.write_row(tmp_path, "s", {**base, "run_key": "b" * 16, "status": "oom", "rank": 4, "error": "CUDA oom"})
+    results.write_row(tmp_path, "s", {**base, "run_key": "c" * 16, "status": "failed", "variant": "full",
+                                      "error": "old", "finished_at": "2000-01-01T00:00:00+00:00"})
+    text = sweep.format_summary("s", sweep.sitting_rows(tmp_path, "s", before), total_ok=1)
+    assert "2 runs finished in this sitting (1 ok, 1 oom)" in text
+    assert "oom         bbbbbbbbbbbbbbbb  task=rte variant=lora r=4 seed=0: CUDA oom" in text
+    assert "cccc" not in text  # an earlier sitting's failure
+
+
+# ---- whole sweeps, as a user runs them -----------------------------------------------------------------
+def test_smoke_sweep_lists_its_jobs_runs_exactly_those_records_failures_and_resumes(harness_cli):
+    """Basic launcher. lora at r=0 fails (a failed row, the sweep goes on); full runs once for both ranks."""
+    grid_args = ["task=rte", "variant=lora,full", "variant.r=0,4"]
+    dry = harness_cli(*grid_args, "dry_run=true")
+    assert dry.returncode == 0, dry.stderr
+    jobs = listing(dry.stdout)
+    assert [(s, o) for s, _, o in jobs] == [("todo", "variant=lora variant.r=0"), ("todo", "variant=lora variant.r=4"),
+                                            ("todo", "variant=full")]
+    assert not harness_cli.results.exists(), "a dry run writes nothing"
+    keys = [k for _, k, _ in jobs]
+
+    done = harness_cli(*grid_args)
+    assert done.returncode == 0, done.stderr
+    found = rows(harness_cli.results)
+    assert sorted(found) == sorted(keys)
+    assert [found[k]["status"] for k in keys] == ["failed", "ok", "ok"]
+    assert "variant.r" in found[keys[0]]["error"]
+    assert started(harness_cli.results) == Counter(keys)
+    assert "1 runs did not end ok" in done.stderr + done.stdout and keys[0] in done.stderr + done.stdout
+
+    again = harness_cli(*grid_args)  # resume: the failed run is retried, the finished ones are skipped
+    assert again.returncode == 0, again.stderr
+    assert started(harness_cli.results) == Counter({keys[0]: 2, keys[1]: 1, keys[2]: 1})
+    assert all(f"skip run {k}" in again.stderr + again.stdout for k in keys[1:])
+    assert [s for s, _, _ in listing(harness_cli(*grid_args, "dry_run=true").stdout)] == ["failed", "ok", "ok"]
+
+
+def test_fail_fast_stops_the_sweep_at_the_first_failure(harness_cli):
+    done = harness_cli("task=rte", "variant=lora", "variant.r=0,4", "fail_fast=true")
+    assert done.returncode != 0 and "RunFailed" in done.stderr
+    assert [r["status"] for r in rows(harness_cli.results).values()] == ["failed"]
+
+
+def test_a_sweep_killed_midway_loses_no_row_and_repeats_no_finished_run(harness_cli):
+    """SIGKILL in one sitting, SIGTERM (an `interrupted` row) in the next, then the same command to the end."""
+    grid_args = ["task=rte", "variant=lora,full,head", "variant.r=4,8", "train.max_steps=60"]
+    keys = [k for _, k, _ in listing(harness_cli(*grid_args, "dry_run=true").stdout)]
+    assert len(keys) == 4
+    results_dir = harness_cli.results
+
+    first = harness_cli(*grid_args, wait=False)
+    wait_for(lambda: finished(results_dir), what="a first finished run")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    ok_after_first = {k: r["finished_at"] for k, r in rows(results_dir).items() if r["status"] == "ok"}
+    assert ok_after_first
+
+    second = harness_cli(*grid_args, wait=False)
+    in_flight = wait_for(lambda: [k for k in started(results_dir) if k not in ok_after_first
+                                  and re.search(rf"run {k}: .*\n.*training \d+ steps", job_logs(results_dir))],
+                         what="a new run training")[0]
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=120) == 143
+    assert rows(results_dir)[in_flight]["status"] == "interrupted"
+
+    third = harness_cli(*grid_args)
+    assert third.returncode == 0, third.stderr
+    final = rows(results_dir)
+    assert sorted(final) == sorted(keys) and all(r["status"] == "ok" for r in final.values())
+    assert all(final[k]["finished_at"] == t for k, t in ok_after_first.items()), "a finished row was rewritten"
+    assert finished(results_dir) == Counter(keys), "every run finished ok exactly once"
+
+
+def test_two_sweeps_in_parallel_never_run_or_write_the_same_run(harness_cli):
+    grid_args = ["task=rte", "variant=lora,full,head", "variant.r=4,8", "train.max_steps=20"]
+    procs = [harness_cli(*grid_args, wait=False) for _ in range(2)]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    final = rows(harness_cli.results)
+    assert len(final) == 4 and all(r["status"] == "ok" for r in final.values())
+    assert started(harness_cli.results) == Counter(list(final)), "each run trained (and wrote its files) in one process"
+    assert len(list(harness_cli.results.glob("smoke/logs/*"))) == 2, "each sweep has its own log folder"
+
+
+@pytest.mark.slow
+def test_smoke_sweep_with_the_joblib_launcher_runs_the_listed_jobs_in_parallel(harness_cli):
+    grid_args = ["task=rte,stsb", "variant=lora,full", "variant.r=4"]
+    keys = sorted(k for _, k, _ in listing(harness_cli(*grid_args, "dry_run=true").stdout))
+    done = harness_cli(*grid_args, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "train.num_workers=1")
+    assert done.returncode == 0, done.stderr
+    final = rows(harness_cli.results)
+    assert sorted(final) == keys and all(r["status"] == "ok" for r in final.values()), final
+    assert started(harness_cli.results) == Counter(keys)
+
+
+@pytest.mark.slow
+def test_smoke_sweep_with_the_submitit_local_launcher(harness_cli):
+    grid_args = ["task=rte", "variant=lora,head", "variant.r=4"]
+    keys = sorted(k for _, k, _ in listing(harness_cli(*grid_args, "dry_run=true").stdout))
+    done = harness_cli(*grid_args, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
+    assert done.returncode == 0, done.stderr
+    final = rows(harness_cli.results)
+    assert sorted(final) == keys and all(r["status"] == "ok" for r in final.values()), final
+
+
+@pytest.mark.slow
+def test_hpo_with_optuna_records_failed_trials_and_resumes_by_replay(harness_cli):
+    args = ["model=tiny_roberta", "task=rte", "hydra.sweeper.n_trials=4", "device=cpu", "variant.r=choice(0,4)",
+            "data.max_train_samples=32", "data.max_eval_samples=16", "train.max_steps=3", "task.max_seq_len=64"]
+    done = harness_cli(*args, sweep="hpo")
+    assert done.returncode == 0, done.stderr
+    first = rows(harness_cli.results, "hpo")
+    assert Counter(r["status"] for r in first.values()) == Counter({"ok": 2, "failed": 2}), first
+    assert "Best value" in done.stderr + done.stdout
+    again = harness_cli(*args, sweep="hpo")
+    assert again.returncode == 0, again.stderr
+    assert rows(harness_cli.results, "hpo").keys() == first.keys(), "the seeded sampler proposed the same trials"
+    assert all(n == 1 for k, n in started(harness_cli.results).items() if first[k]["status"] == "ok")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,expected", [("glue_variants", 1200), ("rank_ablation", 594), ("squad_variants", 72),
+                                           ("cpu_glue", 216)])
+def test_sweep_sizes(harness_cli, name, expected):
+    done = harness_cli("dry_run=true", sweep=name, timeout=1200)
+    assert done.returncode == 0, done.stderr
+    assert len(listing(done.stdout)) == expected
