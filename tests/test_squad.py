@@ -157,7 +157,8 @@ def test_long_question_is_cut_to_max_question_len_and_counted(squad_task, tokeni
         cut = row["example_id"] in raw["id"][:2]
         assert row["question_truncated"] == cut
         if cut:  # question tokens = tokens outside the context minus the special tokens
-            question_tokens = sum(1 for s in row["offset_start"] if s < 0) - tokenizer.num_special_tokens_to_add(pair=True)
+            specials = tokenizer.num_special_tokens_to_add(pair=True)
+            question_tokens = sum(1 for s in row["offset_start"] if s < 0) - specials
             assert question_tokens <= task.cfg.max_question_len < full_length
         if row["start_positions"] != row["cls_index"]:  # labels still right after the cut
             example = examples[row["example_id"]]

@@ -240,8 +240,8 @@ class SquadTask(Task):
 
     def datasets(self, tokenizer, seed: int):
         train_raw, evals_raw = self.train_and_eval_raw()
-        raws = {"train": self.limit(train_raw, "max_train_samples", seed)}
-        raws.update({name: self.limit(raw, "max_eval_samples", seed) for name, raw in evals_raw.items()})
+        raws = {"train": self.limit(train_raw, "max_train_samples")}
+        raws.update({name: self.limit(raw, "max_eval_samples") for name, raw in evals_raw.items()})
         features = {}
         for name, raw in raws.items():
             self.check_answerable(name, raw)
@@ -308,8 +308,10 @@ class SquadTask(Task):
         examples = self.examples[split]
         order = np.argsort(outputs["feature_index"])
         if not np.array_equal(outputs["feature_index"][order], np.arange(len(dataset))):
-            raise ValueError(f"task {self.name}: outputs cover features {len(order)} of {len(dataset)} in {split}")
-        features = dataset.select_columns(["example_id", "offset_start", "offset_end", "cls_index"]).with_format("numpy")[:]
+            raise ValueError(f"task {self.name}: outputs hold {len(order)} features but split {split!r} has "
+                             f"{len(dataset)}; score() needs the outputs of every feature of the split")
+        columns = ["example_id", "offset_start", "offset_end", "cls_index"]
+        features = dataset.select_columns(columns).with_format("numpy")[:]
         ids, contexts = examples["id"], dict(zip(examples["id"], examples["context"]))
         answers = postprocess(list(features["example_id"]), contexts, features["offset_start"],
                               features["offset_end"], features["cls_index"], outputs["start_logits"][order],
@@ -320,6 +322,9 @@ class SquadTask(Task):
                               "answers": [json.dumps(references[q]) for q in ids]})
         frame["label"] = frame["answers"]  # the same gold answers, under the name every task uses
         if self.with_null:
+            # The official v2 script's own protocol: the best span as the prediction and null - span as the
+            # no-answer probability; a diff above the threshold then scores as an abstention (= predicting ""),
+            # and find_best_thresh can search every threshold because the spans are kept.
             diffs = {qid: answers[qid].null_score_diff for qid in ids}
             threshold = float(self.cfg.null_score_threshold)
             metrics = squad_v2_scores(texts, references, no_answer_probs=diffs, no_answer_threshold=threshold)
