@@ -135,9 +135,10 @@ def job_states(jobs: Sequence[list[str]], compose: Callable[[list[str]], DictCon
     return [job_state(compose(job), job) for job in jobs]
 
 
-def format_listing(sweep_name: str, states: Sequence[JobState]) -> str:
+def format_listing(sweep_name: str, states: Sequence[JobState], other_rows: int = 0) -> str:
     """The dry-run table: a count per status, the overrides every job shares, then one line per job
-    (number, status, run_key, its own overrides), tab-separated so it parses (`cut -f3` gives run_keys)."""
+    (number, status, run_key, its own overrides), tab-separated so it parses (`cut -f3` gives run_keys).
+    `other_rows`: rows in the sweep's folder that belong to none of these jobs (made by an earlier config)."""
     counts: dict[str, int] = {}
     for state in states:
         counts[state.status] = counts.get(state.status, 0) + 1
@@ -145,11 +146,20 @@ def format_listing(sweep_name: str, states: Sequence[JobState]) -> str:
     common = [o for o in states[0].overrides if all(o in s.overrides for s in states)] if len(states) > 1 else []
     lines = [f"# sweep {sweep_name}: {len(states)} jobs, {counts.get('ok', 0)} done (ok), {todo} to run"
              + "".join(f", {n} {status}" for status, n in sorted(counts.items()) if status != "ok"),
-             f"# every job: {' '.join(common)}" if common else "# every job: (no common overrides)",
-             "# job\tstatus\trun_key\toverrides"]
+             f"# every job: {' '.join(common)}" if common else "# every job: (no common overrides)"]
+    if other_rows:
+        lines.append(f"# {other_rows} rows in the sweep's runs/ folder belong to none of these jobs (an earlier "
+                     "config); reports read every row there")
+    lines.append("# job\tstatus\trun_key\toverrides")
     lines += [f"{i}\t{s.status}\t{s.run_key}\t{' '.join(o for o in s.overrides if o not in common)}"
               for i, s in enumerate(states)]
     return "\n".join(lines)
+
+
+def other_rows(results_dir: str | Path, sweep_name: str, states: Sequence[JobState]) -> int:
+    """How many rows of the sweep's folder belong to none of `states` (rows of an earlier config)."""
+    keys = {s.run_key for s in states}
+    return sum(1 for p in results.runs_dir(results_dir, sweep_name).glob("*.parquet") if p.stem not in keys)
 
 
 # ---- one process per run -------------------------------------------------------------------------------

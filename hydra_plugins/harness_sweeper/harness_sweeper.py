@@ -75,12 +75,13 @@ class HarnessSweeper(BasicSweeper):
             int(launcher.get("array_parallelism") or 1) if "submitit" in str(launcher.get("_target_", "")) else 1)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from harness.sweep import RunBusy, RunFailed, format_listing, job_states
+        from harness.sweep import RunBusy, RunFailed, format_listing, job_states, other_rows
 
         sweep_name = self.config.get("sweep_name")
         states = job_states(self.jobs(arguments), self.compose)  # also validates every job's config
         if self.config.get("dry_run"):
-            print(format_listing(sweep_name, states), flush=True)
+            extra = other_rows(self.config.results_dir, sweep_name, states)
+            print(format_listing(sweep_name, states, extra), flush=True)
             return []
         for state in states:
             if state.done:
