@@ -18,6 +18,7 @@ run_key and status and launches nothing. The logic lives in harness/sweep.py; th
 """
 
 import logging
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -75,7 +76,7 @@ class HarnessSweeper(BasicSweeper):
             int(launcher.get("array_parallelism") or 1) if "submitit" in str(launcher.get("_target_", "")) else 1)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from harness.sweep import RunBusy, RunFailed, format_listing, job_states, other_rows
+        from harness.sweep import format_listing, job_states, other_rows
 
         sweep_name = self.config.get("sweep_name")
         states = job_states(self.jobs(arguments), self.compose)  # also validates every job's config
@@ -93,6 +94,20 @@ class HarnessSweeper(BasicSweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        # SIGTERM to the sweep acts like Ctrl-C: a parallel launcher then stops its workers (joblib's would
+        # otherwise be orphaned, still running); a run in this process marks itself interrupted either way.
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            return self.launch_batches(todo)
+        except KeyboardInterrupt:
+            log.warning("sweep %s stopped by SIGINT/SIGTERM; the same command continues it", sweep_name)
+            raise SystemExit(130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def launch_batches(self, todo: List[List[str]]) -> List[Sequence[JobReturn]]:
+        from harness.sweep import RunBusy, RunFailed
+
         returns: List[Sequence[JobReturn]] = []
         size = self.batch_size() or max(1, len(todo))
         job_idx = 0
