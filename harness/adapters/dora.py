@@ -48,12 +48,13 @@ class DoRALinear(LoRALinear):
             dropped = self.lora_dropout(x)
             lora = F.linear(F.linear(dropped, self.lora_A) * self.scaling, self.lora_B)
             return self.base(x) + (g - 1) * F.linear(dropped, self.base.weight) + g * lora
-        direction = F.linear(x, self.base.weight)  # W0 x, the bias is added after the scaling
-        u = self.scaled_down_projection(x)
-        direction = torch.addmm(direction.reshape(-1, direction.shape[-1]), u.reshape(-1, u.shape[-1]),
-                                self.lora_B.t()).view(direction.shape)
+        tokens = x.reshape(-1, x.shape[-1])
+        direction = F.linear(tokens, self.base.weight)  # W0 x; the bias is added after the scaling
+        u = self.scaled_down_projection(tokens)
+        direction.addmm_(u, self.lora_B.to(u.dtype).t())  # (W0 + sBA) x: the rank-r part inside the GEMM
         bias = self.base.bias
-        return direction * g if bias is None else torch.addcmul(bias, direction, g)
+        out = direction * g if bias is None else torch.addcmul(bias, direction, g)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
         """g * (W0 + s B A) - W0, so that merge() leaves g * (W0 + s B A) in the base weight."""

@@ -50,16 +50,17 @@ class LoRALinear(AdapterLinear):
         return F.linear(self.scaled_down_projection(x), lora_B).to(base_out.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = self.base(x)
         if self.merged:
-            return base_out
-        u = self.scaled_down_projection(x)
+            return self.base(x)
+        tokens = x.reshape(-1, x.shape[-1])
+        out = self.base(tokens)  # a fresh (tokens x out) tensor, saved by nothing: safe to accumulate into
+        u = self.scaled_down_projection(tokens)
         _, lora_B, _ = self.factors()
-        if u.dtype != base_out.dtype:  # e.g. a bf16 base without autocast: add in the base's precision
-            return base_out + F.linear(u, lora_B).to(base_out.dtype)
-        # base_out + u B^T as one GEMM accumulating into the base output: no separate add pass, no extra tensor.
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u.reshape(-1, u.shape[-1]), lora_B.t())
-        return out.view(base_out.shape)
+        if u.dtype != out.dtype:  # e.g. a bf16 base without autocast: add in the base's precision
+            out = out + F.linear(u, lora_B).to(out.dtype)
+        else:  # out += u B^T inside the GEMM (beta=1): no add pass, no second (tokens x out) tensor
+            out.addmm_(u, lora_B.to(u.dtype).t())
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
         lora_A, lora_B, scaling = self.factors()

@@ -225,7 +225,9 @@ class QLoRA(LoRA):
                    if isinstance(module, nn.Linear) and not is_under(name, head) and not isinstance(module, AdapterLinear)]
         before = sum(weight_bytes(module.weight) for _, module in linears)
         replace_modules(model, linears, lambda name, linear: self.quantize(linear))
-        after = sum(weight_bytes(model.get_submodule(name).weight) for name, _ in linears)
+        # bitsandbytes quantizes when the model moves to CUDA, after this point: its size is not known yet.
+        after = (sum(weight_bytes(model.get_submodule(name).weight) for name, _ in linears)
+                 if self.backend == "torchao" else None)
         self.quantization_facts = {
             "quant": self.option("quant"), "quant_backend": self.backend, "double_quant": self.option("double_quant"),
             "quantized_linear_layers": len(linears), "base_weight_bytes_before": before,

@@ -77,7 +77,7 @@ class VeRALinear(AdapterLinear):
         h = self.scaled_projection(x)
         if h.dtype != base_out.dtype:
             return base_out + (self.vera_lambda_b * h).to(base_out.dtype)
-        return torch.addcmul(base_out, h, self.vera_lambda_b)  # the scale by b and the add in one pass
+        return base_out.addcmul_(h, self.vera_lambda_b)  # scale by b and add, in one pass, into the fresh base output
 
     def delta_weight(self) -> torch.Tensor:
         vera_A, vera_B = self.projections()
