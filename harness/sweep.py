@@ -13,7 +13,7 @@ that it can be read and tested without Hydra's plugin machinery:
 * `claim_run`: an exclusive lock per run_key, so two processes never run (and write) the same run.
 * `configure_resources`: torch threads per job (jobs x threads <= cores) and, with several local jobs
   on a multi-GPU machine, one GPU per job through CUDA_VISIBLE_DEVICES, set before CUDA is initialised.
-* `SweepSummary`: a Hydra callback listing the runs of this sitting that did not end `ok`.
+* `SweepSummary` / `log_summary`: at the end, the runs of this sitting that did not end `ok`.
 """
 
 from __future__ import annotations
@@ -347,24 +347,40 @@ def format_summary(sweep_name: str, rows: pd.DataFrame, total_ok: int) -> str:
     return text
 
 
+def log_summary(results_dir: str | Path, sweep_name: str, since: dt.datetime) -> int:
+    """Log how the runs written since `since` ended, listing those not ok; return how many were not ok."""
+    rows = sitting_rows(results_dir, sweep_name, since)
+    all_rows = results.read_rows(Path(results_dir) / sweep_name)
+    total_ok = int((all_rows["status"] == "ok").sum()) if len(all_rows) else 0
+    not_ok = int((rows["status"] != "ok").sum()) if len(rows) else 0
+    (log.warning if not_ok else log.info)(format_summary(sweep_name, rows, total_ok))
+    return not_ok
+
+
+class SweepsFailed(HarnessError):
+    """Some runs of the sweep did not end ok (each has its row and is listed in the summary above)."""
+
+
 class SweepSummary(Callback):
     """At the end of a multirun, log how the runs of this sitting ended and list those that did not end ok.
 
     Configured in conf/config.yaml under hydra.callbacks; works with any sweeper and launcher because it
-    reads the rows (the results are the source of truth), not the launcher's return values.
+    reads the rows (the results are the source of truth), not the launcher's return values. (The harness
+    sweeper logs the same summary itself before exiting non-zero when runs failed; Hydra then skips this.)
     """
 
     def __init__(self) -> None:
         self.started: dt.datetime | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        self.started = sitting_start()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.started is None or config.get("dry_run"):
             return
-        rows = sitting_rows(config.results_dir, config.sweep_name, self.started)
-        all_rows = results.read_rows(Path(config.results_dir) / config.sweep_name)
-        total_ok = int((all_rows["status"] == "ok").sum()) if len(all_rows) else 0
-        summary = format_summary(config.sweep_name, rows, total_ok)
-        (log.warning if len(rows) and (rows["status"] != "ok").any() else log.info)(summary)
+        log_summary(config.results_dir, config.sweep_name, self.started)
+
+
+def sitting_start() -> dt.datetime:
+    """Now, to the second (rows record finished_at to the second)."""
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)

@@ -14,14 +14,16 @@ default for every multirun). Config (hydra.sweeper.*):
 
 Before launching, it composes every job's config as the launcher will, and skips jobs whose run_key
 already has an `ok` row (logging each). With `dry_run=true` it prints the job list with each job's
-run_key and status and launches nothing. The logic lives in harness/sweep.py; this file is the plugin shell.
+run_key and status and launches nothing. A failed run does not stop the others; when all have run, the
+sweep logs which did not end ok and exits non-zero (as Hydra's basic sweeper does for a failed job).
+The logic lives in harness/sweep.py; this file is the plugin shell.
 """
 
 import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
@@ -76,8 +78,9 @@ class HarnessSweeper(BasicSweeper):
             int(launcher.get("array_parallelism") or 1) if "submitit" in str(launcher.get("_target_", "")) else 1)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from harness.sweep import format_listing, job_states, other_rows
+        from harness.sweep import SweepsFailed, format_listing, job_states, log_summary, other_rows, sitting_start
 
+        started = sitting_start()
         sweep_name = self.config.get("sweep_name")
         states = job_states(self.jobs(arguments), self.compose)  # also validates every job's config
         if self.config.get("dry_run"):
@@ -98,17 +101,24 @@ class HarnessSweeper(BasicSweeper):
         # otherwise be orphaned, still running); a run in this process marks itself interrupted either way.
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            return self.launch_batches(todo)
+            returns, failures = self.launch_batches(todo)
         except KeyboardInterrupt:
             log.warning("sweep %s stopped by SIGINT/SIGTERM; the same command continues it", sweep_name)
             raise SystemExit(130) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
+        if failures:  # like Hydra's basic sweeper, a failed job fails the multirun, but only after all ran
+            log_summary(self.config.results_dir, sweep_name, started)
+            raise SweepsFailed(f"{failures} of {len(todo)} jobs did not end ok (listed above, each with its row); "
+                               "re-running the same command retries them and skips the rest")
+        return returns
 
-    def launch_batches(self, todo: List[List[str]]) -> List[Sequence[JobReturn]]:
+    def launch_batches(self, todo: List[List[str]]) -> Tuple[List[Sequence[JobReturn]], int]:
+        """Launch the jobs batch by batch; (the launchers' returns, how many jobs failed)."""
         from harness.sweep import RunBusy, RunFailed
 
         returns: List[Sequence[JobReturn]] = []
+        failures = 0
         size = self.batch_size() or max(1, len(todo))
         job_idx = 0
         for start in range(0, len(todo), size):
@@ -122,12 +132,11 @@ class HarnessSweeper(BasicSweeper):
                 error = ret._return_value  # the job's exception (return_value would re-raise it)
                 if isinstance(error, RunBusy):
                     log.info("%s", error)
-                elif isinstance(error, RunFailed):
-                    if self.config.get("fail_fast"):
-                        raise error
-                else:  # the job crashed before or after writing its row: a bug, say so loudly
+                    continue
+                failures += 1
+                if not isinstance(error, RunFailed):  # crashed before or after writing its row: a bug, say so
                     log.error("job %s crashed without a result row: %s: %s", " ".join(overrides),
                               type(error).__name__, error)
-                    if self.config.get("fail_fast"):
-                        raise error
-        return returns
+                if self.config.get("fail_fast"):
+                    raise error
+        return returns, failures
