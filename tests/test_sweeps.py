@@ -182,6 +182,19 @@ def test_parallel_jobs_get_distinct_gpus(tmp_path):
     assert sweep.claim_gpu(["0", "1"], tmp_path, start=1)[0] == first[0]
 
 
+def test_a_local_parallel_job_pins_one_gpu_for_its_process_before_cuda_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "visible_gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(sweep, "_pinned_gpu", None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert sweep.pin_gpu(parallel_jobs=1, job_num=1, lock_dir=tmp_path) is None  # sequential: leave it alone
+    other = sweep.claim_gpu(["0", "1"], tmp_path, start=1)  # another worker already holds GPU 1
+    assert sweep.pin_gpu(parallel_jobs=2, job_num=1, lock_dir=tmp_path) == "0"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    assert sweep.pin_gpu(parallel_jobs=2, job_num=2, lock_dir=tmp_path) == "0", "kept for the process's life"
+    sweep._pinned_gpu[1].close()
+    other[1].close()
+
+
 def test_threads_per_job_keep_jobs_times_threads_within_the_cores(monkeypatch):
     monkeypatch.delenv("HARNESS_THREADS", raising=False)
     joblib = lambda n: OmegaConf.create({"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",  # noqa: E731
