@@ -92,7 +92,7 @@ def expand_jobs(grid: Sequence[Sequence[str]], default_variant: str, rank_params
     jobs: list[list[str]] = []
     seen: set[tuple[str, ...]] = set()
     for point in grid:
-        choices = {override_key(o): o.split("=", 1)[1] for o in point}
+        choices = {override_key(o): o.partition("=")[2] for o in point}
         choices.setdefault(VARIANT_KEY, default_variant)
         job = [o for o in point if rank_used(choices[VARIANT_KEY]) or override_key(o) not in rank_keys]
         for condition, extra in when.items():
