@@ -291,8 +291,11 @@ def test_a_sweep_killed_midway_loses_no_row_and_repeats_no_finished_run(harness_
 
 
 def test_two_sweeps_in_parallel_never_run_or_write_the_same_run(harness_cli):
+    """The same sweep twice at once, one of them with joblib's two workers (with DataLoader workers inside)."""
     grid_args = ["task=rte", "variant=lora,full,head", "variant.r=4,8", "train.max_steps=8"]
-    procs = [harness_cli(*grid_args, wait=False) for _ in range(2)]
+    procs = [harness_cli(*grid_args, wait=False),
+             harness_cli(*grid_args, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "train.num_workers=1",
+                         wait=False)]
     assert [p.wait(timeout=600) for p in procs] == [0, 0]
     final = rows(harness_cli.results)
     assert len(final) == 4 and all(r["status"] == "ok" for r in final.values())
