@@ -57,7 +57,8 @@ def main() -> None:
 
     training_args = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=32,
-        per_device_eval_batch_size=128, learning_rate=5e-4, weight_decay=0.1, warmup_ratio=0.06,
+        per_device_eval_batch_size=128, learning_rate=5e-4, weight_decay=0.1,
+        warmup_steps=round(0.06 * args.max_steps),  # transformers 5 dropped warmup_ratio; same 6% as the harness
         lr_scheduler_type="linear", adam_epsilon=1e-6, max_grad_norm=1.0, seed=0, eval_strategy="no",
         save_strategy="no", report_to=[], logging_steps=100, dataloader_num_workers=0, use_cpu=True,
     )
