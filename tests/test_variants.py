@@ -87,10 +87,10 @@ def test_output_equals_the_base_model_at_init(make_cfg, name):
 
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_only_adapter_tensors_and_head_are_trainable(make_cfg, name):
-    model, variant, head = build(variant_cfg(make_cfg, name))
-    torch.manual_seed(0)
-    plain_names = {n for n, _ in models.load(make_cfg().model, "classification", 2, make_cfg().data.cache_dir,
-                                             with_tokenizer=False).model.named_parameters()}
+    cfg = variant_cfg(make_cfg, name)
+    model, variant, head = build(cfg)
+    plain = models.load(cfg.model, "classification", 2, cfg.data.cache_dir, with_tokenizer=False).model
+    plain_names = {n for n, _ in plain.named_parameters()}
     for param_name, param in model.named_parameters():
         in_head = adapters.base.is_under(param_name, head)
         if param.requires_grad:

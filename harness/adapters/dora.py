@@ -15,11 +15,58 @@ from harness.adapters.base import register
 from harness.adapters.lora import LoRA, LoRALinear
 
 
+class DoRALinearFunction(torch.autograd.Function):
+    """y = g * (x W0^T + s (x A^T) B^T) + b, g = m / n with n the (constant) row norms, as one GEMM each way:
+    y = x (g * (W0 + s B A))^T + b, the scaled merged weight rebuilt in each direction (out x in work).
+
+    m's gradient, sum over tokens of dy * z for the direction z = x (W0 + s B A)^T, is taken from the output,
+    which backward keeps instead of z: z = (y - b) / g, so dL/dm = (sum_t dy * y - b * sum_t dy) / m. No
+    (tokens x out) tensor besides the output is made or kept, which puts DoRA's cost next to LoRA's (peft keeps
+    two more per layer). A row with g = 0 has lost its direction in y: there z is recomputed from x (rare).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, magnitude, norm):
+        tokens = x.reshape(-1, x.shape[-1])
+        g = (magnitude / norm).unsqueeze(1)
+        out = F.linear(tokens, torch.addmm(weight, lora_B, lora_A, alpha=scaling) * g, bias)
+        u = F.linear(tokens, lora_A) * scaling
+        ctx.save_for_backward(tokens, u, weight, bias, lora_A, lora_B, magnitude, norm, out)
+        ctx.scaling = scaling
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tokens, u, weight, bias, lora_A, lora_B, magnitude, norm, out = ctx.saved_tensors
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        dt = dy.dtype
+        g = (magnitude / norm).unsqueeze(1)
+        grad_x = grad_bias = grad_A = grad_B = grad_m = None
+        if ctx.needs_input_grad[0]:  # dL/dx = dy (g * (W0 + s B A))
+            merged = (torch.addmm(weight, lora_B, lora_A, alpha=ctx.scaling) * g).to(dt)
+            grad_x = (dy @ merged).view(*grad_out.shape[:-1], -1)
+        dy_sum = dy.sum(0) if bias is not None else None
+        if ctx.needs_input_grad[2]:
+            grad_bias = dy_sum
+        if ctx.needs_input_grad[3]:
+            grad_A = ((dy @ (lora_B * g).to(dt)) * ctx.scaling).t() @ tokens.to(dt)
+        if ctx.needs_input_grad[4]:
+            grad_B = (dy.t() @ u.to(dt)) * g
+        if ctx.needs_input_grad[6]:
+            if bool((g == 0).any()):  # y no longer holds z on some row: recompute z = x W0^T + u B^T
+                z = F.linear(tokens.to(dt), weight.to(dt)).addmm_(u.to(dt), lora_B.to(dt).t())
+                grad_m = torch.linalg.vecdot(dy, z, dim=0) / norm
+            else:
+                dy_y = torch.linalg.vecdot(dy, out.to(dt), dim=0)
+                grad_m = (dy_y if bias is None else dy_y - bias * dy_sum) / magnitude
+        return grad_x, None, grad_bias, grad_A, grad_B, None, grad_m, None
+
+
 class DoRALinear(LoRALinear):
     """y = g * (W0 x + s B A x) + bias with g = m / ||W0 + s B A|| (detached).
 
-    Without dropout this is one GEMM for W0 x, one rank-r GEMM chain accumulated into it, and one fused
-    multiply-add; backward keeps one (tokens x out) tensor for m's gradient, where peft keeps two.
+    Without dropout on a plain base this is `DoRALinearFunction` (GEMMs only; backward keeps the output,
+    where peft keeps two extra (tokens x out) tensors); otherwise the same formula from composed ops.
     """
 
     def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
@@ -41,6 +88,9 @@ class DoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
+        if self.fused():  # no dropout at work, a plain frozen base: GEMMs only
+            return DoRALinearFunction.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
+                                            self.scaling, self.lora_magnitude_vector, self.weight_norm())
         g = self.magnitude_scale()
         if self.training and not isinstance(self.lora_dropout, nn.Identity):
             # With dropout the official DoRA code (and peft) feed the dropped input to W0 in the magnitude term:
@@ -48,13 +98,9 @@ class DoRALinear(LoRALinear):
             dropped = self.lora_dropout(x)
             lora = F.linear(F.linear(dropped, self.lora_A) * self.scaling, self.lora_B)
             return self.base(x) + (g - 1) * F.linear(dropped, self.base.weight) + g * lora
-        tokens = x.reshape(-1, x.shape[-1])
-        direction = F.linear(tokens, self.base.weight)  # W0 x; the bias is added after the scaling
-        u = self.scaled_down_projection(tokens)
-        direction.addmm_(u, self.lora_B.to(u.dtype).t())  # (W0 + sBA) x: the rank-r part inside the GEMM
+        direction = F.linear(x, self.base.weight) + F.linear(self.scaled_down_projection(x), self.lora_B)
         bias = self.base.bias
-        out = direction * g if bias is None else torch.addcmul(bias, direction, g)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return direction * g if bias is None else torch.addcmul(bias, direction, g)
 
     def delta_weight(self) -> torch.Tensor:
         """g * (W0 + s B A) - W0, so that merge() leaves g * (W0 + s B A) in the base weight."""

@@ -20,6 +20,45 @@ from harness.adapters.inject import AdapterVariant
 PEFT_FOLDER = "peft_adapter"  # beside the run's adapter.safetensors
 
 
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T computed as x (W + s B A)^T + b, with its backward written out.
+
+    Training through the merged weight W + sBA (rebuilt in each direction: out x in x r work, not kept)
+    turns the adapter's two rank-r GEMMs over the (tokens x features) activations in each direction into
+    none; what remains of the adapter is what its gradients need: u = s x A^T (forward), and dL/d(Ax),
+    dL/dA, dL/dB (backward). Same math as the composed ops, different float rounding order.
+
+    Keeps what autograd would keep: x (only when A is trained: LoRA-FA keeps nothing of it) and the rank-r u;
+    the frozen W, A and B are parameters, not activations. Under autocast the GEMMs run in the autocast dtype
+    in both directions, as the composed ops would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        tokens = x.reshape(-1, x.shape[-1])
+        out = F.linear(tokens, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
+        u = F.linear(tokens, lora_A) * scaling
+        ctx.save_for_backward(tokens if lora_A.requires_grad else None, u, weight, lora_A, lora_B)
+        ctx.scaling = scaling
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tokens, u, weight, lora_A, lora_B = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_bias = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:  # dL/dx = g (W + s B A)
+            merged = torch.addmm(weight, lora_B, lora_A, alpha=ctx.scaling).to(g.dtype)
+            grad_x = (g @ merged).view(*grad_out.shape[:-1], -1)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_A = ((g @ lora_B.to(g.dtype)) * ctx.scaling).t() @ tokens.to(g.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_B = g.t() @ u.to(g.dtype)
+        return grad_x, None, grad_bias, grad_A, grad_B, None
+
+
 class LoRALinear(AdapterLinear):
     """The loralib/peft layer: A kaiming-uniform, B zeros, so the model is unchanged at initialisation."""
 
@@ -49,9 +88,19 @@ class LoRALinear(AdapterLinear):
         _, lora_B, _ = self.factors()
         return F.linear(self.scaled_down_projection(x), lora_B).to(base_out.dtype)
 
+    def fused(self) -> bool:
+        """Whether forward can run as `LoRALinearFunction`: a plain nn.Linear base (not quantized) with a frozen
+        weight in the adapter's dtype, and no dropout at work (the base and the adapter then read the same x)."""
+        base = self.base
+        return (type(base) is nn.Linear and not base.weight.requires_grad and base.weight.dtype == self.lora_A.dtype
+                and (isinstance(self.lora_dropout, nn.Identity) or not self.training))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
+        if self.fused():
+            lora_A, lora_B, scaling = self.factors()
+            return LoRALinearFunction.apply(x, self.base.weight, self.base.bias, lora_A, lora_B, scaling)
         tokens = x.reshape(-1, x.shape[-1])
         out = self.base(tokens)  # a fresh (tokens x out) tensor, saved by nothing: safe to accumulate into
         u = self.scaled_down_projection(tokens)
