@@ -377,22 +377,25 @@ def test_merge_matches_unmerged_and_removes_the_adapter_cost(make_cfg):
 
 # ---- atomic rows --------------------------------------------------------------------------------------
 def test_killed_writer_leaves_no_readable_partial_row(tmp_path):
-    """SIGKILL a process while it writes a large row file: the final path never holds a partial file."""
+    """SIGKILL a writer after its temporary file is complete but before the rename: nothing is read as a row.
+
+    The writer's rename is held (it prints and sleeps instead) so the kill lands at the worst moment every time.
+    """
     target = tmp_path / "sweep" / "runs" / "abc.parquet"
     script = (
-        "import numpy as np, pandas as pd, sys\n"
+        "import os, time\n"
+        "import pandas as pd\n"
         "from pathlib import Path\n"
         "from harness.results import atomic_write_parquet\n"
-        "df = pd.DataFrame({'x': np.random.rand(20_000_000)})\n"
-        "print('ready', flush=True)\n"
-        f"atomic_write_parquet(df, Path({str(target)!r}))\n"
+        "os.replace = lambda src, dst: (print('renaming', src, flush=True), time.sleep(600))\n"
+        "atomic_write_parquet(pd.DataFrame({'status': ['ok']}), Path(%r))\n" % str(target)
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    time.sleep(0.3)
+    word, temporary = proc.stdout.readline().split()
+    assert word == "renaming" and Path(temporary).stat().st_size > 0
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not target.exists()
+    assert Path(temporary).exists() and not target.exists()
     assert results.read_rows(tmp_path / "sweep").empty
 
 

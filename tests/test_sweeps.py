@@ -37,8 +37,9 @@ def listing(stdout: str) -> list[tuple[str, str, str]]:
     return [tuple(line.split("\t")[1:4]) for line in stdout.splitlines() if re.match(r"^\d+\t", line)]
 
 
-def job_logs(results_dir: Path) -> str:
-    return "\n".join(p.read_text() for p in sorted(results_dir.glob("*/logs/*/*/__main__.log")))
+def job_logs(results_dir: Path, skip: frozenset[Path] = frozenset()) -> str:
+    """The job logs of every sitting so far, except the log files in `skip` (those of earlier sittings)."""
+    return "\n".join(p.read_text() for p in sorted(results_dir.glob("*/logs/*/*/__main__.log")) if p not in skip)
 
 
 def started(results_dir: Path) -> Counter:
@@ -264,7 +265,8 @@ def test_fail_fast_stops_the_sweep_at_the_first_failure(harness_cli):
 
 def test_a_sweep_killed_midway_loses_no_row_and_repeats_no_finished_run(harness_cli):
     """SIGKILL in one sitting, SIGTERM (an `interrupted` row) in the next, then the same command to the end."""
-    grid_args = ["task=rte", "variant=lora,full,head", "variant.r=4,8", "train.max_steps=60"]
+    # ~4 s of training per run: long enough that the run seen training is still training when SIGTERM lands
+    grid_args = ["task=rte", "variant=lora,full,head", "variant.r=4,8", "train.max_steps=600"]
     results_dir = harness_cli.results
 
     first = harness_cli(*grid_args, wait=False)
@@ -274,10 +276,12 @@ def test_a_sweep_killed_midway_loses_no_row_and_repeats_no_finished_run(harness_
     ok_after_first = {k: r["finished_at"] for k, r in rows(results_dir).items() if r["status"] == "ok"}
     assert ok_after_first
 
+    first_sitting = frozenset(results_dir.glob("*/logs/*/*/__main__.log"))
     second = harness_cli(*grid_args, wait=False)
-    in_flight = wait_for(lambda: [k for k in started(results_dir) if k not in ok_after_first
-                                  and re.search(rf"run {k}: .*\n.*training \d+ steps", job_logs(results_dir))],
-                         what="a new run training")[0]
+    in_flight = wait_for(lambda: re.findall(r"run ([0-9a-f]{16}): .*\n.*training \d+ steps",
+                                            job_logs(results_dir, skip=first_sitting)),
+                         what="a run of the second sitting training")[0]
+    assert in_flight not in ok_after_first
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=120) == 143
     assert rows(results_dir)[in_flight]["status"] == "interrupted"
