@@ -45,6 +45,12 @@ def count_parameters(model: torch.nn.Module, head: list[str]) -> dict[str, int]:
         if param.requires_grad:
             trainable += n
             trainable_head += n if in_head else 0
+    # A quantized base (QLoRA) keeps its linear weights as packed codes that are not parameters (torchao) or
+    # whose numel is the packed size (bitsandbytes): count those as the out x in matrices they stand for.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            stored = module._parameters.get("weight")
+            total += module.in_features * module.out_features - (stored.numel() if stored is not None else 0)
     return {"trainable_params": trainable, "trainable_params_no_head": trainable - trainable_head,
             "head_params": head_params, "total_params": total}
 

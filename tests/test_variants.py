@@ -16,7 +16,7 @@ from harness.adapters.inject import AdapterVariant
 from harness.checkpoint import load_adapter, save_adapter
 from harness.errors import ConfigError
 from harness.inspect import compose_config, inspect
-from harness.run import run
+from harness.run import count_parameters, run
 from harness.train import SavedTensorMeter
 
 ADAPTERS = sorted(name for name, cls in VARIANTS.items() if issubclass(cls, AdapterVariant))
@@ -346,6 +346,9 @@ def test_qlora_quantizes_the_base_and_reports_its_bytes(make_cfg):
     int8, int8_variant, _ = build(make_cfg("variant=qlora", "variant.quant=int8"))
     assert facts["base_weight_bytes_after"] < int8_variant.facts(int8)["base_weight_bytes_after"] \
         < facts["base_weight_bytes_before"] / 3
+    lora, _, _ = build(make_cfg("variant=lora", "variant.r=64", "variant.all_linear=true"))
+    # the packed base still stands for the same matrices: the total counts them as LoRA's does
+    assert count_parameters(model, head) == count_parameters(int8, head) == count_parameters(lora, head)
 
 
 # ---- through the trainer -----------------------------------------------------------------------------
