@@ -191,6 +191,7 @@ def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed
                         collate_fn=collate, num_workers=cfg.num_workers, drop_last=False,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
     total_steps, warmup, steps_per_epoch = schedule_steps(cfg, len(loader))
+    variant.check_schedule(total_steps)
     outcome.warmup_steps = warmup
     optimizer = build_optimizer(model, variant, cfg)
     scheduler = get_scheduler(SCHEDULES[cfg.schedule], optimizer, num_warmup_steps=warmup,

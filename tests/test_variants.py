@@ -352,6 +352,13 @@ def test_qlora_quantizes_the_base_and_reports_its_bytes(make_cfg):
 
 
 # ---- through the trainer -----------------------------------------------------------------------------
+def test_delta_lora_that_would_never_update_w_is_a_failed_row_not_a_lora_row(make_cfg):
+    row = run(make_cfg("variant=delta_lora", "variant.start_step=4", "train.max_steps=4"))
+    assert row["status"] == "failed"
+    assert "variant.start_step=4" in row["error"] and "4 optimizer steps" in row["error"] and "below 4" in row["error"]
+    assert run(make_cfg("variant=delta_lora", "variant.start_step=3", "train.max_steps=4"))["status"] == "ok"
+
+
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_every_adapter_trains_through_run_and_writes_its_row(make_cfg, name):
     overrides = {"delta_lora": ["variant.start_step=0"], "dylora": ["variant.eval_ranks=[1,2]"]}.get(name, [])

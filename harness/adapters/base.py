@@ -202,6 +202,10 @@ class Variant:
         groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": "no_decay"})
         return [g for g in groups if g["params"]]
 
+    def check_schedule(self, total_steps: int) -> None:
+        """Called once the run's number of optimizer steps is known, before the first: a variant whose settings
+        cannot act within that many steps raises ConfigError (Delta-LoRA's start step)."""
+
     def before_step(self, model: nn.Module, step: int, generator: torch.Generator) -> None:
         """Called before each training forward (DyLoRA samples its rank here)."""
 

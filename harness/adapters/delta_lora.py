@@ -36,6 +36,13 @@ class DeltaLoRA(LoRA):
         require(isinstance(start, int) and not isinstance(start, bool) and start >= 0, "variant.start_step", start,
                 "a non-negative integer K: W is updated after optimizer steps t > K (counting from 0)")
 
+    def check_schedule(self, total_steps: int) -> None:
+        start = self.option("start_step")
+        if start >= total_steps:
+            raise ConfigError(f"variant=delta_lora with variant.start_step={start}, but this run has {total_steps} "
+                              "optimizer steps: W would never be updated and the run would be plain LoRA; set "
+                              f"variant.start_step below {total_steps} (the paper's K=500 is for long runs)")
+
     @torch.no_grad()
     def before_step(self, model: nn.Module, step: int, generator: torch.Generator) -> None:
         """Remember A_t and B_t (tiny copies) before the optimizer moves them."""
