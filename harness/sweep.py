@@ -77,7 +77,8 @@ def expand_jobs(grid: Sequence[Sequence[str]], default_variant: str, rank_params
     to one job per remaining combination (kept at its first position, order otherwise unchanged). Then, for
     each `when` entry `"key=value": [overrides]` (in order) whose choice the job has, those overrides are
     added, replacing any earlier override of the same key: a paper's own recipe for one variant, or a
-    per-task step budget. A `when` entry that matches no job is a typo and an error.
+    per-task step budget. An entry whose key no job sets, or that names an unregistered variant, is a typo and
+    an error; one whose value no job chose is not (a sweep file narrowed on the command line, `task=mrpc`).
     """
     when = {condition: list(extra) for condition, extra in (when or {}).items()}
     for condition in when:
@@ -88,26 +89,26 @@ def expand_jobs(grid: Sequence[Sequence[str]], default_variant: str, rank_params
         if key == VARIANT_KEY:
             rank_used(value)  # an unknown variant here is a typo: fail now, naming the registered ones
     rank_keys = set(rank_params)
-    matched: set[str] = set()
+    swept_keys: set[str] = set()
     jobs: list[list[str]] = []
     seen: set[tuple[str, ...]] = set()
     for point in grid:
         choices = {override_key(o): o.partition("=")[2] for o in point}
         choices.setdefault(VARIANT_KEY, default_variant)
+        swept_keys.update(choices)
         job = [o for o in point if rank_used(choices[VARIANT_KEY]) or override_key(o) not in rank_keys]
         for condition, extra in when.items():
             key, _, value = condition.partition("=")
             if choices.get(key) == value:
-                matched.add(condition)
                 extra_keys = {override_key(o) for o in extra}
                 job = [o for o in job if override_key(o) not in extra_keys] + extra
         if tuple(job) not in seen:
             seen.add(tuple(job))
             jobs.append(job)
-    unmatched = [c for c in when if c not in matched]
-    if unmatched:
-        raise ConfigError(f"hydra.sweeper.when {unmatched} match no job of the sweep; each key must be a "
-                          "choice the sweep's params (or the command line) set, e.g. variant=full")
+    unknown = [c for c in when if c.partition("=")[0] not in swept_keys]
+    if unknown:
+        raise ConfigError(f"hydra.sweeper.when {unknown}: no job of the sweep sets that key; each key must be one "
+                          f"the sweep's params (or the command line) set: {', '.join(sorted(swept_keys))}")
     return jobs
 
 
