@@ -70,15 +70,18 @@ def override_key(override: str) -> str:
 
 def expand_jobs(grid: Sequence[Sequence[str]], default_variant: str, rank_params: Sequence[str],
                 when: dict[str, Sequence[str]] | None = None,
-                rank_used: Callable[[str], bool] = uses_rank) -> list[list[str]]:
+                rank_used: Callable[[str], bool] = uses_rank,
+                declared: Sequence[Sequence[str]] = ()) -> list[list[str]]:
     """The jobs (override lists) of a sweep, from the full Cartesian product `grid` of its params.
 
     For a rank-free variant the overrides of `rank_params` are dropped, so the product over ranks collapses
     to one job per remaining combination (kept at its first position, order otherwise unchanged). Then, for
     each `when` entry `"key=value": [overrides]` (in order) whose choice the job has, those overrides are
     added, replacing any earlier override of the same key: a paper's own recipe for one variant, or a
-    per-task step budget. An entry whose key no job sets, or that names an unregistered variant, is a typo and
-    an error; one whose value no job chose is not (a sweep file narrowed on the command line, `task=mrpc`).
+    per-task step budget. An entry is a typo, and an error, when no job chose its value and the sweep file's
+    own grid (`declared`, its params before command-line narrowing) does not list it either, or when it names
+    an unregistered variant; a file narrowed on the command line (`+sweep=cpu_glue task=mrpc`) keeps its
+    entries for the tasks it no longer runs.
     """
     when = {condition: list(extra) for condition, extra in (when or {}).items()}
     for condition in when:
@@ -89,13 +92,13 @@ def expand_jobs(grid: Sequence[Sequence[str]], default_variant: str, rank_params
         if key == VARIANT_KEY:
             rank_used(value)  # an unknown variant here is a typo: fail now, naming the registered ones
     rank_keys = set(rank_params)
-    swept_keys: set[str] = set()
+    known = {override_key(o) + "=" + o.partition("=")[2] for point in declared for o in point}
     jobs: list[list[str]] = []
     seen: set[tuple[str, ...]] = set()
     for point in grid:
         choices = {override_key(o): o.partition("=")[2] for o in point}
         choices.setdefault(VARIANT_KEY, default_variant)
-        swept_keys.update(choices)
+        known.update(f"{key}={value}" for key, value in choices.items())
         job = [o for o in point if rank_used(choices[VARIANT_KEY]) or override_key(o) not in rank_keys]
         for condition, extra in when.items():
             key, _, value = condition.partition("=")
@@ -105,10 +108,10 @@ def expand_jobs(grid: Sequence[Sequence[str]], default_variant: str, rank_params
         if tuple(job) not in seen:
             seen.add(tuple(job))
             jobs.append(job)
-    unknown = [c for c in when if c.partition("=")[0] not in swept_keys]
+    unknown = [c for c in when if c not in known]
     if unknown:
-        raise ConfigError(f"hydra.sweeper.when {unknown}: no job of the sweep sets that key; each key must be one "
-                          f"the sweep's params (or the command line) set: {', '.join(sorted(swept_keys))}")
+        raise ConfigError(f"hydra.sweeper.when {unknown}: neither the sweep's params nor the command line choose "
+                          f"that; each entry must be one of their choices: {', '.join(sorted(known))}")
     return jobs
 
 

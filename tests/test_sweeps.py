@@ -107,17 +107,19 @@ def test_when_adds_overrides_to_matching_jobs_replacing_the_same_key():
                     ["task=rte", "variant=full", "recipe=fairseq_roberta", "train.lr=1e-5"],
                     ["task=cola", "variant=lora", "train.lr=5e-4", "train.max_steps=10"],
                     ["task=cola", "variant=full", "recipe=fairseq_roberta", "train.lr=1e-5", "train.max_steps=10"]]
-    # a sweep file narrowed on the command line: entries for choices no job has are not errors
+    # a sweep file narrowed on the command line keeps its entries for the choices it no longer runs
     assert sweep.expand_jobs(grid(task=["rte"], variant=["lora"]), "lora", ["variant.r"],
                              {"task=cola": ["train.max_steps=10"], "variant=full": ["seed=3"]},
-                             rank_used=fake_rank_used) == [["task=rte", "variant=lora"]]
+                             rank_used=fake_rank_used, declared=grid(task=["rte", "cola"], variant=["lora", "full"])
+                             ) == [["task=rte", "variant=lora"]]
     # the default variant (not swept) counts as the job's choice
     assert sweep.expand_jobs(grid(task=["rte"]), "full", ["variant.r"], {"variant=full": ["seed=3"]},
                              rank_used=fake_rank_used) == [["task=rte", "seed=3"]]
 
 
 @pytest.mark.parametrize("when,message", [({"variant=ful": ["seed=1"]}, "not registered"),
-                                          ({"tsk=wnli": ["seed=1"]}, "no job of the sweep sets"),
+                                          ({"task=wnli": ["seed=1"]}, "neither the sweep's params"),
+                                          ({"tsk=rte": ["seed=1"]}, "neither the sweep's params"),
                                           ({"variant": ["seed=1"]}, "key=value")])
 def test_when_typos_are_errors(when, message):
     with pytest.raises(ConfigError, match=message):
@@ -284,7 +286,7 @@ def test_a_sweep_killed_midway_loses_no_row_and_repeats_no_finished_run(harness_
     second = harness_cli(*grid_args, wait=False)
     in_flight = wait_for(lambda: re.findall(r"run ([0-9a-f]{16}): .*\n.*training \d+ steps",
                                             job_logs(results_dir, skip=first_sitting)),
-                         what="a run of the second sitting training")[0]
+                         what="a run of the second sitting training")[-1]  # the newest: still training
     assert in_flight not in ok_after_first
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=120) == 143

@@ -38,10 +38,10 @@ class DeltaLoRA(LoRA):
 
     def check_schedule(self, total_steps: int) -> None:
         start = self.option("start_step")
-        if start >= total_steps:
+        if start >= total_steps - 1:  # steps are t = 0 .. total_steps - 1; W moves after those with t > K
             raise ConfigError(f"variant=delta_lora with variant.start_step={start}, but this run has {total_steps} "
                               "optimizer steps: W would never be updated and the run would be plain LoRA; set "
-                              f"variant.start_step below {total_steps} (the paper's K=500 is for long runs)")
+                              f"variant.start_step below {total_steps - 1} (the paper's K=500 is for long runs)")
 
     @torch.no_grad()
     def before_step(self, model: nn.Module, step: int, generator: torch.Generator) -> None:

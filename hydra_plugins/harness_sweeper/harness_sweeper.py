@@ -66,8 +66,9 @@ class HarnessSweeper(BasicSweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
         grid = self.split_arguments(overrides, None)[0]
+        declared = self.split_arguments(parser.parse_overrides(self._parse_config()), None)[0]  # the file's own grid
         default_variant = self.config.hydra.runtime.choices.get("variant")
-        return expand_jobs(grid, default_variant, self.rank_params, self.when)
+        return expand_jobs(grid, default_variant, self.rank_params, self.when, declared=declared)
 
     def batch_size(self) -> Optional[int]:
         """Jobs per launch: max_batch_size; with fail_fast, as many as the launcher runs at once."""
