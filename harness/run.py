@@ -49,7 +49,7 @@ def count_parameters(model: torch.nn.Module, head: list[str]) -> dict[str, int]:
     # whose numel is the packed size (bitsandbytes): count those as the out x in matrices they stand for.
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            stored = module._parameters.get("weight")
+            stored = dict(module.named_parameters(recurse=False)).get("weight")
             total += module.in_features * module.out_features - (stored.numel() if stored is not None else 0)
     return {"trainable_params": trainable, "trainable_params_no_head": trainable - trainable_head,
             "head_params": head_params, "total_params": total}
