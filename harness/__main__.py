@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> float:
     if cfg.dry_run:
         if multirun:
             raise ConfigError("dry_run=true lists a grid sweep's jobs without launching them, which only the "
-                              "harness sweeper does (hydra/sweeper=harness, the default); this sweeper "
+                              "harness sweeper does (add hydra/sweeper=harness, or use a sweep file); this sweeper "
                               f"({hydra_cfg.sweeper._target_}) launched the job instead")
         state = sweep.job_state(cfg, list(hydra_cfg.overrides.task))
         print(sweep.format_listing(cfg.sweep_name, [state]), flush=True)

@@ -71,14 +71,16 @@ def override_key(override: str) -> str:
 def expand_jobs(grid: Sequence[Sequence[str]], default_variant: str, rank_params: Sequence[str],
                 when: dict[str, Sequence[str]] | None = None,
                 rank_used: Callable[[str], bool] = uses_rank,
-                declared: Sequence[Sequence[str]] = ()) -> list[list[str]]:
+                declared: Sequence[Sequence[str]] = (),
+                command_line: Sequence[str] = ()) -> list[list[str]]:
     """The jobs (override lists) of a sweep, from the full Cartesian product `grid` of its params.
 
     For a rank-free variant the overrides of `rank_params` are dropped, so the product over ranks collapses
     to one job per remaining combination (kept at its first position, order otherwise unchanged). Then, for
     each `when` entry `"key=value": [overrides]` (in order) whose choice the job has, those overrides are
     added, replacing any earlier override of the same key: a paper's own recipe for one variant, or a
-    per-task step budget. An entry is a typo, and an error, when no job chose its value and the sweep file's
+    per-task step budget. A key the user set on the `command_line` (overrides as typed) is never replaced:
+    `+sweep=cpu_glue train.epochs=5` trains 5 epochs everywhere, whatever the file's `when` says. An entry is a typo, and an error, when no job chose its value and the sweep file's
     own grid (`declared`, its params before command-line narrowing) does not list it either, or when it names
     an unregistered variant; a file narrowed on the command line (`+sweep=cpu_glue task=mrpc`) keeps its
     entries for the tasks it no longer runs.
@@ -92,6 +94,7 @@ def expand_jobs(grid: Sequence[Sequence[str]], default_variant: str, rank_params
         if key == VARIANT_KEY:
             rank_used(value)  # an unknown variant here is a typo: fail now, naming the registered ones
     rank_keys = set(rank_params)
+    pinned = {override_key(o) for o in command_line}
     known = {override_key(o) + "=" + o.partition("=")[2] for point in declared for o in point}
     jobs: list[list[str]] = []
     seen: set[tuple[str, ...]] = set()
@@ -103,6 +106,7 @@ def expand_jobs(grid: Sequence[Sequence[str]], default_variant: str, rank_params
         for condition, extra in when.items():
             key, _, value = condition.partition("=")
             if choices.get(key) == value:
+                extra = [o for o in extra if override_key(o) not in pinned]
                 extra_keys = {override_key(o) for o in extra}
                 job = [o for o in job if override_key(o) not in extra_keys] + extra
         if tuple(job) not in seen:

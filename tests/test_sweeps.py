@@ -117,6 +117,18 @@ def test_when_adds_overrides_to_matching_jobs_replacing_the_same_key():
                              rank_used=fake_rank_used) == [["task=rte", "seed=3"]]
 
 
+def test_the_command_line_wins_over_when():
+    """`+sweep=cpu_glue train.epochs=5 recipe=none`: what the user typed is what runs, for every job."""
+    points = grid(task=["rte", "cola"], variant=["lora", "full"], **{"train.epochs": ["5"], "recipe": ["none"]})
+    when = {"variant=full": ["recipe=fairseq_roberta", "train.lr=1e-5"], "task=cola": ["train.epochs=2"]}
+    jobs = sweep.expand_jobs(points, "lora", ["variant.r"], when, rank_used=fake_rank_used,
+                             command_line=["+sweep=cpu_glue", "train.epochs=5", "recipe=none"])
+    assert jobs == [["task=rte", "variant=lora", "train.epochs=5", "recipe=none"],
+                    ["task=rte", "variant=full", "train.epochs=5", "recipe=none", "train.lr=1e-5"],
+                    ["task=cola", "variant=lora", "train.epochs=5", "recipe=none"],
+                    ["task=cola", "variant=full", "train.epochs=5", "recipe=none", "train.lr=1e-5"]]
+
+
 @pytest.mark.parametrize("when,message", [({"variant=ful": ["seed=1"]}, "not registered"),
                                           ({"task=wnli": ["seed=1"]}, "neither the sweep's params"),
                                           ({"tsk=rte": ["seed=1"]}, "neither the sweep's params"),

@@ -1,14 +1,16 @@
 """`hydra/sweeper=harness`: Hydra's basic grid sweeper, plus what a benchmark grid needs.
 
-Select it in a sweep file (`defaults: [override /hydra/sweeper: harness]`; conf/config.yaml makes it the
-default for every multirun). Config (hydra.sweeper.*):
+Select it in a sweep file (`defaults: [override /hydra/sweeper: harness]`, as every grid in conf/sweep/ does) or
+on the command line (`-m hydra/sweeper=harness`). It is not the default of conf/config.yaml: a sweep file that
+overrides it again (hpo.yaml's optuna) would then keep this one. Config (hydra.sweeper.*):
 
   params:             the grid, same syntax as the basic sweeper (`a: 1,2`, `range(3)`, `glob(*)`), crossed
                       with any sweep given on the command line
   rank_params:        keys left out for rank-free variants (registry class `uses_rank = False`), so those
                       run once per task x seed, not once per rank. Default: [variant.r]
   when:               {"key=value": [overrides]}: added to the jobs with that choice, in order, replacing
-                      earlier overrides of the same keys (`variant=full: [recipe=fairseq_roberta]`)
+                      earlier overrides of the same keys (`variant=full: [recipe=fairseq_roberta]`),
+                      except keys set on the command line, which always win
   max_batch_size:     jobs handed to the launcher at once (null: all). With fail_fast=true the default is
                       the launcher's parallelism, so the sweep stops soon after the first failure.
 
@@ -68,7 +70,8 @@ class HarnessSweeper(BasicSweeper):
         grid = self.split_arguments(overrides, None)[0]
         declared = self.split_arguments(parser.parse_overrides(self._parse_config()), None)[0]  # the file's own grid
         default_variant = self.config.hydra.runtime.choices.get("variant")
-        return expand_jobs(grid, default_variant, self.rank_params, self.when, declared=declared)
+        return expand_jobs(grid, default_variant, self.rank_params, self.when, declared=declared,
+                           command_line=arguments)
 
     def batch_size(self) -> Optional[int]:
         """Jobs per launch: max_batch_size; with fail_fast, as many as the launcher runs at once."""
