@@ -24,6 +24,7 @@ from transformers import (
 
 from harness.errors import ConfigError, require
 from harness.hub import from_hub
+from harness.results import publish_folder
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,5 @@ def tiny_bpe_tokenizer(cache_dir: Path) -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
                                    cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
                                    model_max_length=512)
-    tmp = folder.with_name(folder.name + ".tmp")
-    fast.save_pretrained(tmp)
-    tmp.replace(folder) if not folder.exists() else None
+    publish_folder(folder, fast.save_pretrained)
     return PreTrainedTokenizerFast.from_pretrained(folder)

@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,24 @@ def atomic_write_parquet(df: pd.DataFrame, path: Path, schema: pa.Schema | None 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def publish_folder(folder: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` into a folder of this process's own, then rename it to `folder`: a reader sees a complete
+    folder or none, and two processes filling the same cache at once never write into each other's files (when
+    both finish, the first rename wins and the other's identical copy is dropped)."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process published it first
+            if not folder.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def make_row(values: dict[str, Any]) -> pd.DataFrame:

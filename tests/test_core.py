@@ -399,6 +399,34 @@ def test_killed_writer_leaves_no_readable_partial_row(tmp_path):
     assert results.read_rows(tmp_path / "sweep").empty
 
 
+def test_two_processes_publishing_one_cache_folder_never_mix_their_files(tmp_path):
+    """The tokenizer and token caches: a second process publishes the folder while the first is half-way
+    through writing it. The first's rename then fails quietly; the folder is the second's, complete and alone."""
+    folder = tmp_path / "cache" / "tiny_bpe-abc"
+    other = ("from pathlib import Path\nfrom harness.results import publish_folder\n"
+             "publish_folder(Path(%r), lambda tmp: (tmp.mkdir(parents=True), (tmp / 'b.txt').write_text('theirs')))"
+             % str(folder))
+
+    def write_half_then_let_the_other_process_finish(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        (tmp / "a.txt").write_text("ours, first half")
+        subprocess.run([sys.executable, "-c", other], cwd=REPO, check=True, timeout=120)
+        (tmp / "c.txt").write_text("ours, second half")
+
+    assert results.publish_folder(folder, write_half_then_let_the_other_process_finish) == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temporary folder left
+
+    def fail_half_way(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):  # a failed writer leaves nothing behind
+        results.publish_folder(tmp_path / "cache" / "x", fail_half_way)
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+
+
 # ---- the command line ---------------------------------------------------------------------------------
 def test_cli_run_produces_a_row(tmp_path, tiny_data_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
 
 from harness.errors import ConfigError, DataError, require
 from harness.hub import from_hub
+from harness.results import publish_folder
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +184,7 @@ class Task:
         if (folder / "dataset_info.json").exists():
             return datasets.load_from_disk(str(folder))
         encoded = encode(raw)
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        encoded.save_to_disk(str(tmp))
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process cached it first: theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_folder(folder, lambda tmp: encoded.save_to_disk(str(tmp)))
         return datasets.load_from_disk(str(folder))
 
     def limit(self, ds: datasets.Dataset, key: str) -> datasets.Dataset:
