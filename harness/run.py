@@ -11,6 +11,7 @@ import sys
 import datetime as dt
 import json
 import logging
+import shutil
 import signal
 import socket
 import traceback
@@ -115,6 +116,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     row["started_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     outcome = TrainOutcome()
     artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, key)
+    shutil.rmtree(artifacts, ignore_errors=True)  # an earlier failed attempt's history must not pass for this one's
     model = variant = None
     log.info("run %s: %s", key, describe(cfg))
     try:

@@ -248,6 +248,16 @@ def test_run_writes_a_complete_row_with_history_and_predictions(make_cfg):
     assert set(predictions.checkpoint) == {"best", "last"} and (predictions.checkpoint == "last").sum() == 40
 
 
+def test_a_retry_that_fails_early_leaves_no_history_of_the_earlier_attempt(make_cfg):
+    cfg = make_cfg("train.precision=fp16")  # fails at its start on CPU, before any evaluation
+    artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, results.run_key(cfg))
+    artifacts.mkdir(parents=True)
+    pd.DataFrame({"step": [3], "score": [0.9]}).to_parquet(artifacts / "history.parquet")  # an earlier attempt's
+    row = run(cfg)
+    assert row["status"] == "failed" and "fp16" in row["error"]
+    assert sorted(p.name for p in artifacts.iterdir()) == ["config.yaml"]
+
+
 def test_same_config_is_skipped_and_changed_config_gets_a_new_key(make_cfg):
     first = run(make_cfg())
     again = run(make_cfg())
