@@ -423,7 +423,8 @@ def paired_bootstrap(groups: Mapping[str, Sequence[pd.DataFrame]], metric: str, 
     return pd.DataFrame({
         "group": names, "observed": observed, "diff_low": low, "diff_high": high,
         "p_at_least_as_good": share,
-        "tied": pd.array([None if np.isnan(lo) else bool(lo <= 0) for lo in low], dtype="boolean"),
+        "tied": pd.array([None if np.isnan(lo) else bool(lo <= 0 <= hi) for lo, hi in zip(low, high)],
+                         dtype="boolean"),
         "examples": n, "examples_any_seed": union, "reference": reference,
     }).set_index("group")
 
@@ -817,10 +818,12 @@ EFFICIENCY_BYTES = ("peak_memory_bytes", "param_bytes", "grad_bytes", "optimizer
 
 
 def efficiency_frame(rows: pd.DataFrame, task: str | None = None) -> pd.DataFrame:
-    """Per variant x rank (x impl): medians over its ok runs (all tasks and seeds, or one `task`).
+    """Per variant x rank (x impl): the median over seeds per task, then the median over the tasks that every
+    row of the table has (or of one `task`). Speed differs by task several-fold, so a row measured on more
+    of the slow tasks must not look slower for it.
 
     Peak memory is what was measured: CUDA max allocated where the run had a GPU, else the process's peak
-    RSS (which includes the Python process and data, and in a multirun process earlier runs too). The
+    RSS (which includes the Python process, its data and the frozen base model; reset per run on Linux). The
     account is exact: parameter, gradient and optimizer-state bytes after the first step, plus the bytes
     autograd saved for backward in the first step.
     """
@@ -835,11 +838,14 @@ def efficiency_frame(rows: pd.DataFrame, task: str | None = None) -> pd.DataFram
         account_bytes=ok[["param_bytes", "grad_bytes", "optimizer_state_bytes", "saved_activation_bytes"]]
         .sum(axis=1, min_count=4))
     measures = ["train_samples_per_s", "train_tokens_per_s", "eval_samples_per_s", *EFFICIENCY_BYTES]
-    stats = ok.groupby("group", sort=False)[measures].median()
+    common = set.intersection(*ok.groupby("group").task.agg(set))
+    used = ok[ok.task.isin(common)] if common else ok  # no task in common: each row over its own tasks
+    per_task = used.groupby(["group", "task"], sort=False)[measures].median().reset_index()
+    stats = per_task.groupby("group", sort=False)[measures].median()
     first = ok.drop_duplicates("group").set_index("group")
     frame = first[["model", "variant", "rank", "impl"]].join(stats)
-    frame.insert(4, "runs", ok.groupby("group", sort=False).size())
-    frame.insert(5, "tasks", ok.groupby("group", sort=False).task.agg(
+    frame.insert(4, "runs", used.groupby("group", sort=False).size())
+    frame.insert(5, "tasks", used.groupby("group", sort=False).task.agg(
         lambda t: ",".join(sorted(set(t), key=task_position))))
     frame["peak_memory_kind"] = ok.groupby("group", sort=False).peak_memory_kind.agg(lambda k: "/".join(sorted(set(k))))
     frame["device"] = ok.groupby("group", sort=False).device.agg(
@@ -866,8 +872,10 @@ def efficiency_grid(frame: pd.DataFrame, task: str | None = None) -> Grid:
                  for name in EFFICIENCY_BYTES]
         body.append(line)
     devices = sorted(set("/".join(frame.device).split("/")) - {""})
-    scope = f"on {TASK_LABELS.get(task, task)}" if task else "over all its tasks and seeds"
-    caption = (f"Efficiency per variant and rank: medians over each row's ok runs ({scope}; device: "
+    used = sorted(set(",".join(frame.tasks).split(",")) - {""}, key=task_position)
+    scope = (f"on {TASK_LABELS.get(task, task)}" if task else "the median over seeds per task, then over the "
+             f"tasks every row has: {', '.join(TASK_LABELS.get(t, t) for t in used)}")
+    caption = (f"Efficiency per variant and rank: medians of each row's ok runs ({scope}; device: "
                f"{', '.join(devices) or 'unknown'}). Throughput excludes evaluation; tokens are non-padding "
                "tokens. Peak memory is measured (CUDA max allocated, or the process's peak RSS on CPU). The exact "
                "account is parameter + gradient + optimizer-state bytes after the first step plus the bytes "
@@ -875,8 +883,8 @@ def efficiency_grid(frame: pd.DataFrame, task: str | None = None) -> Grid:
                "trained tensors and the task head (safetensors).")
     notes = []
     if "CPU RSS" in kinds:
-        notes.append("CPU RSS is the whole process's peak: it includes Python, the data and the frozen base model, "
-                     "and in a multirun process the runs before; compare the account columns across variants.")
+        notes.append("CPU RSS is the whole process's peak during the run: it includes Python, the data and the "
+                     "frozen base model; compare the account columns across variants.")
     align = "l" * len(row_label_header(frame)) + "r" * (len(header) - len(row_label_header(frame)))
     return Grid(caption, header, body, align, notes, "tab:efficiency")
 
@@ -1007,12 +1015,20 @@ def histories(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def rank_scores(rows: pd.DataFrame) -> pd.DataFrame:
-    """DyLoRA's score per evaluated rank (row column rank_scores_json, {label: score}) as long rows."""
+    """DyLoRA's score per evaluated rank as long rows, at the run's best evaluation (the one the table scores),
+    from its history; a run without history gives its row's rank_scores_json (those of its last evaluation)."""
     ok = ok_rows(rows)
     ok = ok[ok.rank_scores_json.notna()]
     out = []
     for row in ok.itertuples():
-        for label, score in json.loads(row.rank_scores_json).items():
+        settings = json.loads(row.rank_scores_json)
+        path = Path(row.artifacts) / "history.parquet"
+        if path.exists():
+            history = pd.read_parquet(path)
+            if "setting" in history:
+                at_best = history[history.setting.notna() & (history.step == row.best_step)]
+                settings = dict(zip(at_best.setting, at_best.score)) or settings
+        for label, score in settings.items():
             digits = re.findall(r"\d+", str(label))
             out.append({"group": row.group, "task": row.task, "seed": row.seed, "setting": str(label),
                         "rank": int(digits[-1]) if digits else np.nan, "score": score})
@@ -1155,7 +1171,8 @@ def pareto_front(params: np.ndarray, scores: np.ndarray) -> np.ndarray:
 def plot_score_vs_params(table: PaperTable):
     """Median score against trainable parameters without the head (log x), with the Pareto front per panel.
 
-    Head-only training has no parameters beyond the head, which a log axis cannot place: it is a dotted line.
+    Head-only training has no parameters beyond the head, which a log axis cannot place: it is a dotted line,
+    and it takes part in the front (a variant scoring no better than it is not on the front).
     """
     groups = table.groups
     styles = variant_styles(groups)
@@ -1164,7 +1181,6 @@ def plot_score_vs_params(table: PaperTable):
     for ax, (label, title, ylabel) in zip(axes, panels):
         cells = table.cells[table.cells.column == label].merge(groups.drop(columns="model"), on="group")
         cells = cells.dropna(subset=["median"])
-        placed = cells[cells.params_min > 0]
         for (variant, impl), part in cells.groupby(["variant", "impl"], sort=False):
             style = styles[(variant, impl)]
             if (part.params_min == 0).all():
@@ -1174,8 +1190,9 @@ def plot_score_vs_params(table: PaperTable):
             part = part[part.params_min > 0].sort_values("params_min")  # a variant's ranks, joined left to right
             ax.errorbar(part.params_min, part["median"], yerr=part["std"].fillna(0), linewidth=0.8, capsize=3,
                         markersize=7, label=series_label(variant, impl), **style)
-        if len(placed):
-            front = placed.iloc[pareto_front(placed.params_min.to_numpy(float), placed["median"].to_numpy(float))]
+        front = cells.iloc[pareto_front(cells.params_min.to_numpy(float), cells["median"].to_numpy(float))]
+        front = front[front.params_min > 0]  # head-only is on the front too (its line); a point below it is not
+        if len(front):
             ax.step(front.params_min, front["median"], where="post", color="black", linewidth=1, alpha=0.7,
                     label="Pareto front", zorder=0)
         ax.set_xscale("log")
@@ -1300,7 +1317,8 @@ def plot_rank_curve(rows: pd.DataFrame, scores: pd.DataFrame | None = None):
         ax.minorticks_off()
         finish_axes(ax, f"{TASK_LABELS.get(task, task)}: score by evaluated rank",
                     "rank used at evaluation (log scale)", primary_of(rows, task))
-    fig.suptitle("DyLoRA: one adapter, scored at every rank up to the trained one (median over seeds, bars: std)")
+    fig.suptitle("DyLoRA: one adapter, scored at every rank up to the trained one, at its best evaluation "
+                 "(median over seeds, bars: std)")
     legend_below(fig, axes)
     return fig
 

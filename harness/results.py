@@ -46,7 +46,7 @@ SCHEMA = pa.schema(
     # scores
     + [("primary_metric", _S), ("score_best", _F), ("score_last", _F), ("best_epoch", _F), ("best_step", _I)]
     + [(f"metric_{m}", _F) for m in METRIC_NAMES]
-    + [("last_metrics_json", _S), ("rank_scores_json", _S)]
+    + [("last_metrics_json", _S), ("rank_scores_json", _S)]  # DyLoRA: {rank: primary metric} at the last eval
     # speed
     + [("steps", _I), ("train_seconds", _F), ("train_samples_per_s", _F), ("train_tokens_per_s", _F),
        ("eval_seconds", _F), ("eval_samples_per_s", _F)]

@@ -194,6 +194,30 @@ def test_bootstrap_ties_two_equally_good_variants():
     assert test.tied.all()
 
 
+def test_bootstrap_does_not_call_a_significantly_better_row_tied():
+    """The reference is chosen elsewhere (the table's medians); a row clearly above it is not 'indistinguishable'."""
+    test = report.paired_bootstrap({"worse": classification_frames(0.6, seeds=2),
+                                    "good": classification_frames(0.9, seeds=2)}, "accuracy", reference="worse",
+                                   resamples=500)
+    assert test.loc["good", "diff_high"] < 0 and not bool(test.loc["good", "tied"])
+
+
+def test_pareto_front_counts_head_only_at_zero_parameters():
+    params = np.array([0, 4_700, 73_700, 22_000_000, 331_800])
+    scores = np.array([52.3, 52.0, 53.0, 50.0, 53.0])
+    assert report.pareto_front(params, scores).tolist() == [0, 2]  # VeRA (below head-only) and QLoRA (tie) are off
+
+
+def test_efficiency_compares_rows_on_the_tasks_they_share(results_dir):
+    """Speed differs by task: a row measured on fewer slow tasks must not look faster for it."""
+    rows = report.load(results_dir)
+    rows = rows.assign(train_samples_per_s=np.where(rows.task == "rte", 100.0, 10.0))
+    lora4 = (rows.variant == "lora") & (rows["rank"] == 4)
+    frame = report.efficiency_frame(rows[~(lora4 & (rows.task == "stsb"))]).set_index("group")
+    assert (frame.train_samples_per_s == 100.0).all() and set(frame.tasks) == {"rte"}
+    assert report.efficiency_frame(rows).train_samples_per_s.eq(55.0).all()  # every row has both: the median
+
+
 def test_bootstrap_regression_and_squad():
     rng = np.random.default_rng(3)
     label = rng.uniform(0, 5, 300)
@@ -272,6 +296,19 @@ def test_param_counts_are_computed_and_match_the_lora_paper():
     assert frame.loc["roberta_large", "ours"] == 786_432  # 0.8M
     assert frame.loc["roberta_base", "published"] == "0.3M"
     assert 0.95 < frame.loc["roberta_base", "ratio"] < 1.05
+    vera = report.param_count_frame(["vera"]).set_index("model")
+    assert vera.loc["roberta_base", "ours"] == 43_008 and vera.loc["roberta_base", "published"] == "0.043M"
+    assert vera.loc["roberta_large", "ours"] == 61_440 and vera.loc["roberta_large", "published"] == "0.061M"
+
+
+def test_readme_shows_the_committed_table():
+    """The README pastes results/cpu_glue/report/table.md: a regenerated table must be pasted again."""
+    table = REPO / "results" / "cpu_glue" / "report" / "table.md"
+    if not table.exists():
+        pytest.skip("no committed cpu_glue report")
+    assert table.read_text().strip() in (REPO / "README.md").read_text(), (
+        "README.md's results table differs from results/cpu_glue/report/table.md: paste the new table.md into "
+        "the README's report section")
 
 
 # ---- the notebook ------------------------------------------------------------------------------------
