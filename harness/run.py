@@ -90,6 +90,27 @@ def interrupts_as_exceptions():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def signals_held(deliver: bool):
+    """SIGTERM and SIGINT arriving in the block wait for its end, so a second signal (a group kill and a
+    sweeper forwarding it, Ctrl-C twice) cannot cut the writing of a row short. At the end they are
+    delivered, or dropped when `deliver` is false (the run is already stopping because of the first)."""
+    held: list[int] = []
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                    for s in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread: Python cannot catch signals here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(held) if deliver else ():
+            signal.raise_signal(number)
+
+
 def config_columns(cfg: DictConfig, key: str) -> dict[str, Any]:
     variant = cfg.variant
     return {
@@ -148,7 +169,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             row["status"] = "ok"
     except (KeyboardInterrupt, Interrupted) as err:
         row.update(status="interrupted", error=f"{type(err).__name__}: {err}")
-        finish(cfg, row, outcome, artifacts)
+        with signals_held(deliver=False):
+            finish(cfg, row, outcome, artifacts)
         raise
     except torch.cuda.OutOfMemoryError as err:
         row.update(status="oom", error=f"CUDA out of memory: {str(err).splitlines()[0]}")
@@ -157,7 +179,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - every failure becomes a row; the traceback goes to the log
         log.error("run %s failed:\n%s", key, traceback.format_exc())
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
-    finish(cfg, row, outcome, artifacts)
+    with signals_held(deliver=True):
+        finish(cfg, row, outcome, artifacts)
     return row
 
 

@@ -11,6 +11,7 @@ that it can be read and tested without Hydra's plugin machinery:
 * `job_states` / `format_listing`: the run_key of every job and whether its row already says `ok`, for
   `dry_run=true` (lists, runs nothing) and for skipping finished runs before anything is launched.
 * `claim_run`: an exclusive lock per run_key, so two processes never run (and write) the same run.
+* `stop_workers`: on SIGTERM to a parallel sweep, the workers' runs write their `interrupted` rows first.
 * `configure_resources`: torch threads per job (jobs x threads <= cores) and, with several local jobs
   on a multi-GPU machine, one GPU per job through CUDA_VISIBLE_DEVICES, set before CUDA is initialised.
 * `SweepSummary` / `log_summary`: at the end, the runs of this sitting that did not end `ok`.
@@ -24,8 +25,10 @@ import fcntl
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +175,50 @@ def other_rows(results_dir: str | Path, sweep_name: str, states: Sequence[JobSta
 
 # ---- one process per run -------------------------------------------------------------------------------
 def lock_path(cfg: DictConfig, key: str) -> Path:
-    return Path(cfg.results_dir) / cfg.sweep_name / ".locks" / f"{key}.lock"
+    return run_lock(cfg.results_dir, cfg.sweep_name, key)
+
+
+def run_lock(results_dir: str | Path, sweep_name: str, key: str) -> Path:
+    return Path(results_dir) / sweep_name / ".locks" / f"{key}.lock"
+
+
+def is_locked(path: Path) -> bool:
+    """Whether a process holds `path`'s lock now (claim_run), i.e. is running that run."""
+    if not path.exists():
+        return False
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def child_pids() -> list[int]:
+    """This process's children (Linux /proc; none elsewhere): a local parallel launcher's workers."""
+    pids: list[int] = []
+    for children in Path("/proc/self/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            pids += [int(pid) for pid in children.read_text().split()]
+    return pids
+
+
+def stop_workers(results_dir: str | Path, sweep_name: str, keys: Sequence[str], grace_s: float = 30.0) -> None:
+    """Pass SIGTERM on to the workers of a local parallel launcher, so that each run in flight writes its
+    `interrupted` row, and wait (at most `grace_s`) until none of the runs `keys` holds its lock any more.
+
+    Without this, SIGTERM to the sweep alone (`kill <pid>`, not the process group) lets joblib SIGKILL its
+    workers mid-run: nothing half-written, but the runs in flight would leave no row saying they were cut.
+    """
+    for pid in child_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    locks = [run_lock(results_dir, sweep_name, key) for key in keys]
+    deadline = time.monotonic() + grace_s
+    while (busy := [lock for lock in locks if is_locked(lock)]) and time.monotonic() < deadline:
+        locks = busy
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager

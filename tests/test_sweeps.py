@@ -312,6 +312,23 @@ def test_a_sweep_killed_midway_loses_no_row_and_repeats_no_finished_run(harness_
     assert finished(results_dir) == Counter(list(final)), "every run finished ok exactly once"
 
 
+def test_sigterm_to_a_parallel_sweep_alone_still_leaves_interrupted_rows(harness_cli):
+    """`kill <sweep pid>` (not the process group): the sweeper passes SIGTERM on to joblib's workers and waits
+    for their rows before joblib kills them."""
+    grid_args = ["task=rte", "variant=lora,full", "variant.r=4", "train.max_steps=600",
+                 "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    sweep_process = harness_cli(*grid_args, wait=False)
+    def runs_training() -> set[str]:
+        keys = set(re.findall(r"run ([0-9a-f]{16}): .*\n.*training \d+ steps", job_logs(harness_cli.results)))
+        return keys if len(keys) == 2 else set()
+
+    training = wait_for(runs_training, what="both workers' runs training")
+    sweep_process.send_signal(signal.SIGTERM)
+    assert sweep_process.wait(timeout=120) == 130
+    final = rows(harness_cli.results)
+    assert {key: final[key]["status"] for key in training} == {key: "interrupted" for key in training}
+
+
 def test_two_sweeps_in_parallel_never_run_or_write_the_same_run(harness_cli):
     """The same sweep twice at once, one of them with joblib's two workers (with DataLoader workers inside)."""
     grid_args = ["task=rte", "variant=lora,full,head", "variant.r=4,8", "train.max_steps=8"]

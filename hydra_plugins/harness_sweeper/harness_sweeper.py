@@ -82,7 +82,8 @@ class HarnessSweeper(BasicSweeper):
             int(launcher.get("array_parallelism") or 1) if "submitit" in str(launcher.get("_target_", "")) else 1)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from harness.sweep import SweepsFailed, format_listing, job_states, log_summary, other_rows, sitting_start
+        from harness.sweep import (SweepsFailed, available_cores, format_listing, job_states, local_parallel_jobs,
+                                   log_summary, other_rows, sitting_start, stop_workers)
 
         started = sitting_start()
         sweep_name = self.config.get("sweep_name")
@@ -102,8 +103,16 @@ class HarnessSweeper(BasicSweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         # SIGTERM to the sweep acts like Ctrl-C: a parallel launcher then stops its workers (joblib's would
-        # otherwise be orphaned, still running); a run in this process marks itself interrupted either way.
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        # otherwise be orphaned, still running); a run in this process marks itself interrupted either way,
+        # and the runs in local workers are first told too, so they write their `interrupted` rows.
+        in_flight = [s.run_key for s in states if not s.done]
+
+        def stop(signum, frame):
+            if local_parallel_jobs(self.config.hydra.launcher, available_cores()) > 1:
+                stop_workers(self.config.results_dir, sweep_name, in_flight)
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, stop)
         try:
             returns, failures = self.launch_batches(todo)
         except KeyboardInterrupt:
