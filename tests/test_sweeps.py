@@ -324,9 +324,31 @@ def test_sigterm_to_a_parallel_sweep_alone_still_leaves_interrupted_rows(harness
 
     training = wait_for(runs_training, what="both workers' runs training")
     sweep_process.send_signal(signal.SIGTERM)
-    assert sweep_process.wait(timeout=120) == 130
+    code = sweep_process.wait(timeout=120)
+    log = (harness_cli.results.parent / "cli-0.out").read_text()[-3000:]
+    assert code == 130, log
     final = rows(harness_cli.results)
-    assert {key: final[key]["status"] for key in training} == {key: "interrupted" for key in training}
+    assert {key: final[key]["status"] for key in training} == {key: "interrupted" for key in training}, log
+
+
+def test_a_worker_killed_by_the_os_ends_the_sitting_with_a_summary_and_the_next_one_finishes(harness_cli):
+    """What the OOM killer does: SIGKILL to one of joblib's workers. The sweep says which runs were lost and
+    exits 1 (no traceback from the launcher); the same command then runs them."""
+    grid_args = ["task=rte", "variant=lora,full", "variant.r=4", "train.max_steps=600",
+                 "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    sweep_process = harness_cli(*grid_args, wait=False)
+    wait_for(lambda: len(re.findall(r"training \d+ steps", job_logs(harness_cli.results))) == 2,
+             what="both workers' runs training")
+    children = Path(f"/proc/{sweep_process.pid}/task/{sweep_process.pid}/children").read_text().split()
+    workers = [pid for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(int(workers[0]), signal.SIGKILL)
+    sweep_process.wait(timeout=120)
+    log = (harness_cli.results.parent / "cli-0.out").read_text()
+    assert sweep_process.returncode == 1, log[-3000:]
+    assert "ended without returning (TerminatedWorkerError" in log and "2 of its 2 runs have no ok row" in log
+    assert harness_cli(*grid_args).returncode == 0
+    final = rows(harness_cli.results)
+    assert len(final) == 2 and all(r["status"] == "ok" for r in final.values())
 
 
 def test_two_sweeps_in_parallel_never_run_or_write_the_same_run(harness_cli):

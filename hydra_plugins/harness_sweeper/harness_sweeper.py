@@ -96,6 +96,7 @@ class HarnessSweeper(BasicSweeper):
             if state.done:
                 log.info("skip run %s (%s): it already has an ok row", state.run_key, " ".join(state.overrides))
         todo = [s.overrides for s in states if not s.done]
+        todo_keys = [s.run_key for s in states if not s.done]
         log.info("sweep %s: %d jobs, %d already done, %d to run", sweep_name, len(states),
                  len(states) - len(todo), len(todo))
 
@@ -105,16 +106,15 @@ class HarnessSweeper(BasicSweeper):
         # SIGTERM to the sweep acts like Ctrl-C: a parallel launcher then stops its workers (joblib's would
         # otherwise be orphaned, still running); a run in this process marks itself interrupted either way,
         # and the runs in local workers are first told too, so they write their `interrupted` rows.
-        in_flight = [s.run_key for s in states if not s.done]
 
         def stop(signum, frame):
             if local_parallel_jobs(self.config.hydra.launcher, available_cores()) > 1:
-                stop_workers(self.config.results_dir, sweep_name, in_flight)
+                stop_workers(self.config.results_dir, sweep_name, todo_keys)
             raise KeyboardInterrupt
 
         previous = signal.signal(signal.SIGTERM, stop)
         try:
-            returns, failures = self.launch_batches(todo)
+            returns, failures = self.launch_batches(todo, todo_keys)
         except KeyboardInterrupt:
             log.warning("sweep %s stopped by SIGINT/SIGTERM; the same command continues it", sweep_name)
             raise SystemExit(130) from None
@@ -122,12 +122,14 @@ class HarnessSweeper(BasicSweeper):
             signal.signal(signal.SIGTERM, previous)
         if failures:  # like Hydra's basic sweeper, a failed job fails the multirun, but only after all ran
             log_summary(self.config.results_dir, sweep_name, started)
-            raise SweepsFailed(f"{failures} of {len(todo)} jobs did not end ok (listed above, each with its row); "
+            raise SweepsFailed(f"{failures} of {len(todo)} jobs did not end ok (listed above); "
                                "re-running the same command retries them and skips the rest")
         return returns
 
-    def launch_batches(self, todo: List[List[str]]) -> Tuple[List[Sequence[JobReturn]], int]:
-        """Launch the jobs batch by batch; (the launchers' returns, how many jobs failed)."""
+    def launch_batches(self, todo: List[List[str]], keys: List[str]) -> Tuple[List[Sequence[JobReturn]], int]:
+        """Launch the jobs (overrides `todo`, run_keys `keys`) batch by batch; (the launchers' returns, how many
+        jobs failed)."""
+        from harness import results as rows
         from harness.sweep import RunBusy, RunFailed
 
         returns: List[Sequence[JobReturn]] = []
@@ -136,7 +138,21 @@ class HarnessSweeper(BasicSweeper):
         job_idx = 0
         for start in range(0, len(todo), size):
             batch = todo[start:start + size]
-            results = self.launcher.launch(batch, initial_job_idx=job_idx)
+            try:
+                results = self.launcher.launch(batch, initial_job_idx=job_idx)
+            except Exception as err:  # noqa: BLE001 - a job process died without returning: go on, say so
+                # The OS killed a worker (out of memory: joblib's TerminatedWorkerError) or the cluster stopped
+                # a job (submitit's UncompletedJobError): the launcher then has no returns for the whole batch.
+                lost = [k for k in keys[start:start + size]
+                        if not rows.has_ok_row(self.config.results_dir, self.config.sweep_name, k)]
+                log.error("a job of this batch ended without returning (%s: %s); %d of its %d runs have no ok "
+                          "row: %s. The same command runs them again.", type(err).__name__, err, len(lost),
+                          len(batch), " ".join(lost))
+                if self.config.get("fail_fast"):
+                    raise
+                failures += len(lost)
+                job_idx += len(batch)
+                continue
             job_idx += len(batch)
             returns.append(results)
             for overrides, ret in zip(batch, results):
