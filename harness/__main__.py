@@ -23,7 +23,9 @@ def main(cfg: DictConfig) -> float:
 
     A run that does not end `ok` raises RunFailed after its row is written: a single run exits non-zero,
     and in a sweep the job is marked failed (the harness sweeper goes on unless fail_fast=true; optuna
-    records a failed trial). SIGTERM/SIGINT end the whole sweep, not just the current run.
+    records a failed trial). SIGTERM/SIGINT end the whole sweep, not just the current run: in the sweep's
+    own process the run exits the process; in a worker (joblib, submitit) it fails the job and the worker
+    starts no further run, while the sweep's process stops the sweep (see harness/sweep.py).
     """
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -36,13 +38,18 @@ def main(cfg: DictConfig) -> float:
         print(sweep.format_listing(cfg.sweep_name, [state]), flush=True)
         return float("nan")
     sweep.configure_resources(hydra_cfg.launcher, int(hydra_cfg.job.get("num") or 0) if multirun else 0)
+    if sweep.stopping():
+        raise sweep.SweepStopping("not started: this worker was told to stop (SIGTERM/SIGINT)")
     key = results.run_key(cfg)
     try:
         with sweep.claim_run(cfg, key):
             row = run(cfg)
     except Interrupted as err:  # the row says "interrupted"; stop the sweep too (a launcher would go on)
         log.warning("stopping: %s", err)
-        raise SystemExit(143) from err
+        sweep.mark_stopping()
+        if sweep.in_sweep_process():
+            raise SystemExit(128 + err.signum) from err
+        raise RunFailed(f"run {key} interrupted ({err}); its row says so") from err
     if row["status"] != "ok":
         raise RunFailed(f"run {row['run_key']} {row['status']}: {row['error']}")
     score = row.get("score_best")

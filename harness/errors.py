@@ -24,6 +24,10 @@ class Diverged(HarnessError, FloatingPointError):
 class Interrupted(HarnessError):
     """SIGINT or SIGTERM arrived during a run."""
 
+    def __init__(self, message: str, signum: int = 15):
+        super().__init__(message)
+        self.signum = signum  # a stopped process exits with 128 + signum, as the shell reports a signal
+
 
 def require(condition: bool, key: str, value, allowed: str) -> None:
     """Raise a ConfigError naming `key` unless `condition` holds."""

@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -108,20 +109,20 @@ def atomic_write_parquet(df: pd.DataFrame, path: Path, schema: pa.Schema | None 
 
 
 def publish_folder(folder: Path, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)` into a folder of this process's own, then rename it to `folder`: a reader sees a complete
-    folder or none, and two processes filling the same cache at once never write into each other's files (when
-    both finish, the first rename wins and the other's identical copy is dropped)."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """`write(tmp)` into a fresh folder of its own beside `folder`, then rename it to `folder`: a reader sees a
+    complete folder or none, and two processes (or machines sharing the cache) filling it at once never write
+    into each other's files; the first rename wins and the other's identical copy is dropped."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        write(tmp)
+        write(scratch / "new")
         try:
-            tmp.rename(folder)
+            (scratch / "new").rename(folder)
         except OSError:  # another process published it first
             if not folder.exists():
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return folder
 
 

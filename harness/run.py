@@ -75,26 +75,35 @@ def validate_top_level(cfg: DictConfig) -> None:
 
 @contextlib.contextmanager
 def interrupts_as_exceptions():
-    """SIGTERM (cluster preemption, `kill`) raises Interrupted like SIGINT does, so the row gets written."""
+    """SIGTERM (cluster preemption, `kill`) and SIGINT (Ctrl-C) raise Interrupted, so the row gets written.
+
+    After the first signal both are ignored for good in this process (it is stopping): a second one (a group
+    kill and the sweeper passing it on, Ctrl-C twice) cannot cut the writing of the `interrupted` row short.
+    """
+    numbers = (signal.SIGTERM, signal.SIGINT)
+
     def handler(signum, frame):
-        raise Interrupted(f"received {signal.Signals(signum).name}")
+        for number in numbers:
+            signal.signal(number, signal.SIG_IGN)
+        raise Interrupted(f"received {signal.Signals(signum).name}", signum)
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {number: signal.signal(number, handler) for number in numbers}
     except ValueError:  # not the main thread (e.g. a thread-based launcher): leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is handler:  # not interrupted: put back what was there
+            for number, previous_handler in previous.items():
+                signal.signal(number, previous_handler)
 
 
 @contextlib.contextmanager
-def signals_held(deliver: bool):
-    """SIGTERM and SIGINT arriving in the block wait for its end, so a second signal (a group kill and a
-    sweeper forwarding it, Ctrl-C twice) cannot cut the writing of a row short. At the end they are
-    delivered, or dropped when `deliver` is false (the run is already stopping because of the first)."""
+def signals_held():
+    """SIGTERM and SIGINT arriving in the block are delivered at its end, so that a finished run's row is
+    written whole before the process stops."""
     held: list[int] = []
     try:
         previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
@@ -107,7 +116,7 @@ def signals_held(deliver: bool):
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        for number in dict.fromkeys(held) if deliver else ():
+        for number in dict.fromkeys(held):
             signal.raise_signal(number)
 
 
@@ -169,8 +178,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             row["status"] = "ok"
     except (KeyboardInterrupt, Interrupted) as err:
         row.update(status="interrupted", error=f"{type(err).__name__}: {err}")
-        with signals_held(deliver=False):
-            finish(cfg, row, outcome, artifacts)
+        finish(cfg, row, outcome, artifacts)  # further signals are ignored now (interrupts_as_exceptions)
         raise
     except torch.cuda.OutOfMemoryError as err:
         row.update(status="oom", error=f"CUDA out of memory: {str(err).splitlines()[0]}")
@@ -179,7 +187,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - every failure becomes a row; the traceback goes to the log
         log.error("run %s failed:\n%s", key, traceback.format_exc())
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
-    with signals_held(deliver=True):
+    with signals_held():
         finish(cfg, row, outcome, artifacts)
     return row
 

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -182,42 +183,76 @@ def run_lock(results_dir: str | Path, sweep_name: str, key: str) -> Path:
     return Path(results_dir) / sweep_name / ".locks" / f"{key}.lock"
 
 
-def is_locked(path: Path) -> bool:
-    """Whether a process holds `path`'s lock now (claim_run), i.e. is running that run."""
+def lock_holder(path: Path) -> str | None:
+    """`host:pid` of the process running the run whose lock this is (claim_run writes it; "" while it is
+    being written), or None when no process holds the lock now."""
     if not path.exists():
-        return False
-    with open(path, "a") as handle:
+        return None
+    with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return True
+            handle.seek(0)
+            return handle.read().strip()
         fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
+        return None
 
 
-def child_pids() -> list[int]:
-    """This process's children (Linux /proc; none elsewhere): a local parallel launcher's workers."""
-    pids: list[int] = []
-    for children in Path("/proc/self/task").glob("*/children"):
-        with contextlib.suppress(OSError):
-            pids += [int(pid) for pid in children.read_text().split()]
-    return pids
+# ---- stopping a sweep: SIGTERM / SIGINT -------------------------------------------------------------------
+# The sweep's own process sets HARNESS_SWEEP_PID, which its local workers and submitit jobs inherit. A run
+# interrupted in the sweep's process stops the sweep (SystemExit); one interrupted in another process fails
+# as a job (its row says `interrupted`), so the worker lives on to report it and the launcher keeps its pool
+# intact while the other workers write their rows.
+SWEEP_PID = "HARNESS_SWEEP_PID"
+_stopping = False
+
+
+class SweepStopping(HarnessError):
+    """This worker was told to stop (SIGTERM/SIGINT): it starts no further run."""
+
+
+def in_sweep_process() -> bool:
+    return os.environ.get(SWEEP_PID) in (None, str(os.getpid()))
+
+
+def mark_stopping(signum: int | None = None, frame: Any = None) -> None:
+    global _stopping
+    _stopping = True
+
+
+def stopping() -> bool:
+    return _stopping
+
+
+def is_descendant(pid: int) -> bool:
+    """Whether process `pid` was started by this one, directly or not (Linux /proc; False where it cannot tell)."""
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: the parent's pid
+        if pid == os.getpid():
+            return True
+    return False
 
 
 def stop_workers(results_dir: str | Path, sweep_name: str, keys: Sequence[str], grace_s: float = 30.0) -> None:
-    """Pass SIGTERM on to the workers of a local parallel launcher, so that each run in flight writes its
-    `interrupted` row, and wait (at most `grace_s`) until none of the runs `keys` holds its lock any more.
-
-    Without this, SIGTERM to the sweep alone (`kill <pid>`, not the process group) lets joblib SIGKILL its
-    workers mid-run: nothing half-written, but the runs in flight would leave no row saying they were cut.
+    """SIGTERM to the local worker processes running one of the runs `keys` (the pids in their locks), so
+    each writes its `interrupted` row, then wait (at most `grace_s`) until those runs have let go of their
+    locks. Only this process's own workers that hold a run are told: an idle loky worker would die of
+    SIGTERM, and loky then SIGKILLs the whole pool, rows half-way included; another sweep's runs go on.
     """
-    for pid in child_pids():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    locks = [run_lock(results_dir, sweep_name, key) for key in keys]
+    told = []
+    for lock in (run_lock(results_dir, sweep_name, key) for key in keys):
+        host, _, pid = (lock_holder(lock) or "").rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and is_descendant(int(pid)):  # ours, not another sweep's
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)
+                told.append(lock)
     deadline = time.monotonic() + grace_s
-    while (busy := [lock for lock in locks if is_locked(lock)]) and time.monotonic() < deadline:
-        locks = busy
+    while told and time.monotonic() < deadline:
+        told = [lock for lock in told if lock_holder(lock) is not None]
         time.sleep(0.1)
 
 
@@ -236,6 +271,9 @@ def claim_run(cfg: DictConfig, key: str) -> Iterator[None]:
         except BlockingIOError:
             raise RunBusy(f"run {key} is being run by another process right now (lock {path}); "
                           "this job leaves it to that process") from None
+        handle.truncate(0)
+        handle.write(f"{socket.gethostname()}:{os.getpid()}")  # who runs it: stop_workers signals this process
+        handle.flush()
         try:
             yield
         finally:
@@ -375,6 +413,10 @@ def configure_resources(launcher: DictConfig, job_num: int) -> None:
         log.info("torch threads: %d (%d cores, %d local jobs at once)", threads, cores,
                  local_parallel_jobs(launcher, cores))
     pin_gpu(local_parallel_jobs(launcher, cores), job_num)
+    if not in_sweep_process():  # a worker: a signal between runs must not kill it (loky would then kill them all)
+        with contextlib.suppress(ValueError):  # not the main thread
+            for number in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(number, mark_stopping)
 
 
 # ---- the summary at the end -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from harness import results, sweep
-from harness.errors import ConfigError
+from harness import run as run_module
+from harness.errors import ConfigError, Interrupted
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = str(REPO / "conf")
@@ -312,33 +314,36 @@ def test_a_sweep_killed_midway_loses_no_row_and_repeats_no_finished_run(harness_
     assert finished(results_dir) == Counter(list(final)), "every run finished ok exactly once"
 
 
-def test_sigterm_to_a_parallel_sweep_alone_still_leaves_interrupted_rows(harness_cli):
-    """`kill <sweep pid>` (not the process group): the sweeper passes SIGTERM on to joblib's workers and waits
-    for their rows before joblib kills them."""
-    grid_args = ["task=rte", "variant=lora,full", "variant.r=4", "train.max_steps=600",
-                 "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-    sweep_process = harness_cli(*grid_args, wait=False)
-    def runs_training() -> set[str]:
-        keys = set(re.findall(r"run ([0-9a-f]{16}): .*\n.*training \d+ steps", job_logs(harness_cli.results)))
-        return keys if len(keys) == 2 else set()
+LONG_RUNS = ["task=rte", "variant=lora,full", "variant.r=4", "train.max_steps=5000",  # ~40 s: a signal ends them
+             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
 
-    training = wait_for(runs_training, what="both workers' runs training")
-    sweep_process.send_signal(signal.SIGTERM)
+
+def runs_training(results_dir: Path) -> set[str]:
+    """The keys of the runs training now, once both of LONG_RUNS's are (else an empty set)."""
+    keys = set(re.findall(r"run ([0-9a-f]{16}): .*\n.*training \d+ steps", job_logs(results_dir)))
+    return keys if len(keys) == 2 else set()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_a_parallel_sweep_alone_still_leaves_interrupted_rows(harness_cli, signum):
+    """`kill <sweep pid>` (not the process group): the sweeper passes SIGTERM on to the joblib workers that
+    hold a run and waits for their rows before joblib kills them."""
+    sweep_process = harness_cli(*LONG_RUNS, wait=False)
+    training = wait_for(lambda: runs_training(harness_cli.results), what="both workers' runs training")
+    sweep_process.send_signal(signum)
     code = sweep_process.wait(timeout=120)
     log = (harness_cli.results.parent / "cli-0.out").read_text()[-3000:]
     assert code == 130, log
     final = rows(harness_cli.results)
     assert {key: final[key]["status"] for key in training} == {key: "interrupted" for key in training}, log
+    assert all(final[key]["error"] == "Interrupted: received SIGTERM" for key in training)
 
 
-def test_a_worker_killed_by_the_os_ends_the_sitting_with_a_summary_and_the_next_one_finishes(harness_cli):
-    """What the OOM killer does: SIGKILL to one of joblib's workers. The sweep says which runs were lost and
-    exits 1 (no traceback from the launcher); the same command then runs them."""
-    grid_args = ["task=rte", "variant=lora,full", "variant.r=4", "train.max_steps=600",
-                 "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-    sweep_process = harness_cli(*grid_args, wait=False)
-    wait_for(lambda: len(re.findall(r"training \d+ steps", job_logs(harness_cli.results))) == 2,
-             what="both workers' runs training")
+def test_a_worker_killed_by_the_os_ends_the_sitting_with_a_clear_error(harness_cli):
+    """What the OOM killer does: SIGKILL to one of joblib's workers (joblib then kills the others). The sweep
+    says which runs were lost and exits 1, without the launcher's traceback; the same command would rerun them."""
+    sweep_process = harness_cli(*LONG_RUNS, wait=False)
+    wait_for(lambda: runs_training(harness_cli.results), what="both workers' runs training")
     children = Path(f"/proc/{sweep_process.pid}/task/{sweep_process.pid}/children").read_text().split()
     workers = [pid for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
     os.kill(int(workers[0]), signal.SIGKILL)
@@ -346,9 +351,38 @@ def test_a_worker_killed_by_the_os_ends_the_sitting_with_a_summary_and_the_next_
     log = (harness_cli.results.parent / "cli-0.out").read_text()
     assert sweep_process.returncode == 1, log[-3000:]
     assert "ended without returning (TerminatedWorkerError" in log and "2 of its 2 runs have no ok row" in log
-    assert harness_cli(*grid_args).returncode == 0
-    final = rows(harness_cli.results)
-    assert len(final) == 2 and all(r["status"] == "ok" for r in final.values())
+    assert rows(harness_cli.results) == {}
+
+
+def test_a_second_signal_cannot_cut_the_interrupted_row_short():
+    """After the first SIGTERM/SIGINT the run ignores both: a group kill plus the sweeper passing it on, or
+    Ctrl-C twice, still leaves the row written."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(Interrupted, match="SIGTERM"), run_module.interrupts_as_exceptions():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # would end this process if it were not ignored
+        os.kill(os.getpid(), signal.SIGINT)   # would raise KeyboardInterrupt
+        time.sleep(0.2)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def test_a_run_lock_names_its_holder_and_only_own_workers_are_signalled(make_cfg):
+    cfg = make_cfg()
+    lock = sweep.lock_path(cfg, "k1")
+    assert sweep.lock_holder(lock) is None
+    with sweep.claim_run(cfg, "k1"):
+        assert sweep.lock_holder(lock) == f"{socket.gethostname()}:{os.getpid()}"
+    assert sweep.lock_holder(lock) is None
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert sweep.is_descendant(child.pid) and not sweep.is_descendant(os.getppid())
+    finally:
+        child.kill()
 
 
 def test_two_sweeps_in_parallel_never_run_or_write_the_same_run(harness_cli):
@@ -383,6 +417,27 @@ def test_smoke_sweep_with_the_submitit_local_launcher(harness_cli):
     assert done.returncode == 0, done.stderr
     final = rows(harness_cli.results)
     assert sorted(final) == keys and all(r["status"] == "ok" for r in final.values()), final
+
+
+def test_a_preempted_submitit_job_writes_its_interrupted_row_and_the_sweep_goes_on(harness_cli):
+    """SLURM preemption, as submitit_local runs it: SIGTERM to one job's process (found through its run lock).
+    That run's row says `interrupted` and its job fails; the other job finishes; the sweep exits 1 at the end."""
+    grid_args = ["task=rte", "variant=lora,full", "variant.r=4", "train.max_steps=2500",
+                 "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
+    sweep_process = harness_cli(*grid_args, wait=False)
+    locks = harness_cli.results / "smoke" / ".locks"
+    holders = wait_for(lambda: len(found := [h for h in map(sweep.lock_holder, locks.glob("*.lock")) if h]) == 2
+                       and found, what="both jobs running")
+    victim = int(holders[0].rpartition(":")[2])
+    wait_for(lambda: runs_training(harness_cli.results), what="both jobs' runs training")
+    os.kill(victim, signal.SIGTERM)
+    assert sweep_process.wait(timeout=300) == 1
+    log, err = ((harness_cli.results.parent / f"cli-0.{kind}").read_text() for kind in ("out", "err"))
+    final = rows(harness_cli.results)
+    assert sorted(r["status"] for r in final.values()) == ["interrupted", "ok"], log[-3000:]
+    interrupted = next(k for k, r in final.items() if r["status"] == "interrupted")
+    assert re.search(rf"interrupted +{interrupted} ", log), "the sweep's summary lists the interrupted run"
+    assert "UncompletedJobError" not in err, "the job failed as a job, not as a lost process"
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ The logic lives in harness/sweep.py; this file is the plugin shell.
 """
 
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +83,8 @@ class HarnessSweeper(BasicSweeper):
             int(launcher.get("array_parallelism") or 1) if "submitit" in str(launcher.get("_target_", "")) else 1)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from harness.sweep import (SweepsFailed, available_cores, format_listing, job_states, local_parallel_jobs,
-                                   log_summary, other_rows, sitting_start, stop_workers)
+        from harness.sweep import (SWEEP_PID, SweepsFailed, format_listing, job_states, log_summary, other_rows,
+                                   sitting_start, stop_workers)
 
         started = sitting_start()
         sweep_name = self.config.get("sweep_name")
@@ -103,23 +104,27 @@ class HarnessSweeper(BasicSweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        # SIGTERM to the sweep acts like Ctrl-C: a parallel launcher then stops its workers (joblib's would
-        # otherwise be orphaned, still running); a run in this process marks itself interrupted either way,
-        # and the runs in local workers are first told too, so they write their `interrupted` rows.
+        # SIGTERM or SIGINT to the sweep: the runs in local workers are told first (stop_workers) and write
+        # their `interrupted` rows; then it acts like Ctrl-C, and a parallel launcher stops its workers
+        # (joblib's would otherwise be orphaned, still running). A run in this process handles the signal
+        # itself (its row, then SystemExit). Workers and submitit jobs know this process by HARNESS_SWEEP_PID.
+        os.environ[SWEEP_PID] = str(os.getpid())
 
         def stop(signum, frame):
-            if local_parallel_jobs(self.config.hydra.launcher, available_cores()) > 1:
-                stop_workers(self.config.results_dir, sweep_name, todo_keys)
+            for number in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(number, signal.SIG_IGN)  # once: a second signal must not start this again
+            stop_workers(self.config.results_dir, sweep_name, todo_keys)
             raise KeyboardInterrupt
 
-        previous = signal.signal(signal.SIGTERM, stop)
+        previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}
         try:
             returns, failures = self.launch_batches(todo, todo_keys)
         except KeyboardInterrupt:
             log.warning("sweep %s stopped by SIGINT/SIGTERM; the same command continues it", sweep_name)
             raise SystemExit(130) from None
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
         if failures:  # like Hydra's basic sweeper, a failed job fails the multirun, but only after all ran
             log_summary(self.config.results_dir, sweep_name, started)
             raise SweepsFailed(f"{failures} of {len(todo)} jobs did not end ok (listed above); "
@@ -129,8 +134,10 @@ class HarnessSweeper(BasicSweeper):
     def launch_batches(self, todo: List[List[str]], keys: List[str]) -> Tuple[List[Sequence[JobReturn]], int]:
         """Launch the jobs (overrides `todo`, run_keys `keys`) batch by batch; (the launchers' returns, how many
         jobs failed)."""
+        from joblib.externals.loky.process_executor import TerminatedWorkerError
+
         from harness import results as rows
-        from harness.sweep import RunBusy, RunFailed
+        from harness.sweep import RunBusy, RunFailed, SweepStopping
 
         returns: List[Sequence[JobReturn]] = []
         failures = 0
@@ -140,9 +147,9 @@ class HarnessSweeper(BasicSweeper):
             batch = todo[start:start + size]
             try:
                 results = self.launcher.launch(batch, initial_job_idx=job_idx)
-            except Exception as err:  # noqa: BLE001 - a job process died without returning: go on, say so
-                # The OS killed a worker (out of memory: joblib's TerminatedWorkerError) or the cluster stopped
-                # a job (submitit's UncompletedJobError): the launcher then has no returns for the whole batch.
+            except TerminatedWorkerError as err:
+                # The OS killed a joblib worker (out of memory, most likely): joblib then kills the batch's
+                # other workers too and returns nothing for it. Their runs have no row; go on, say so.
                 lost = [k for k in keys[start:start + size]
                         if not rows.has_ok_row(self.config.results_dir, self.config.sweep_name, k)]
                 log.error("a job of this batch ended without returning (%s: %s); %d of its %d runs have no ok "
@@ -159,7 +166,7 @@ class HarnessSweeper(BasicSweeper):
                 if ret.status != JobStatus.FAILED:
                     continue
                 error = ret._return_value  # the job's exception (return_value would re-raise it)
-                if isinstance(error, RunBusy):
+                if isinstance(error, (RunBusy, SweepStopping)):
                     log.info("%s", error)
                     continue
                 failures += 1
