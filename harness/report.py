@@ -873,8 +873,12 @@ def efficiency_grid(frame: pd.DataFrame, task: str | None = None) -> Grid:
         body.append(line)
     devices = sorted(set("/".join(frame.device).split("/")) - {""})
     used = sorted(set(",".join(frame.tasks).split(",")) - {""}, key=task_position)
-    scope = (f"on {TASK_LABELS.get(task, task)}" if task else "the median over seeds per task, then over the "
-             f"tasks every row has: {', '.join(TASK_LABELS.get(t, t) for t in used)}")
+    tasks_text = ", ".join(TASK_LABELS.get(t, t) for t in used)
+    scope = (f"on {TASK_LABELS.get(task, task)}" if task else
+             f"the median over seeds per task, then over the tasks every row has: {tasks_text}"
+             if frame.tasks.nunique() == 1 else
+             f"the median over seeds per task, then over the row's own tasks, as no task is common to all: "
+             f"{tasks_text}")
     caption = (f"Efficiency per variant and rank: medians of each row's ok runs ({scope}; device: "
                f"{', '.join(devices) or 'unknown'}). Throughput excludes evaluation; tokens are non-padding "
                "tokens. Peak memory is measured (CUDA max allocated, or the process's peak RSS on CPU). The exact "
@@ -883,8 +887,9 @@ def efficiency_grid(frame: pd.DataFrame, task: str | None = None) -> Grid:
                "trained tensors and the task head (safetensors).")
     notes = []
     if "CPU RSS" in kinds:
-        notes.append("CPU RSS is the whole process's peak during the run: it includes Python, the data and the "
-                     "frozen base model; compare the account columns across variants.")
+        notes.append("CPU RSS is the whole process's peak during the run (reset per run on Linux; elsewhere since "
+                     "the process started): it includes Python, the data and the frozen base model; compare the "
+                     "account columns across variants.")
     align = "l" * len(row_label_header(frame)) + "r" * (len(header) - len(row_label_header(frame)))
     return Grid(caption, header, body, align, notes, "tab:efficiency")
 

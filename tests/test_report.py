@@ -218,6 +218,17 @@ def test_efficiency_compares_rows_on_the_tasks_they_share(results_dir):
     assert report.efficiency_frame(rows).train_samples_per_s.eq(55.0).all()  # every row has both: the median
 
 
+def test_dylora_rank_curve_is_read_at_the_best_evaluation(tmp_path):
+    """The table scores each run at its best evaluation; the rank curve must show the same evaluation."""
+    pd.DataFrame({"step": [10, 10, 10, 20, 20, 20], "setting": [None, "r=1", "r=8", None, "r=1", "r=8"],
+                  "score": [0.8, 0.6, 0.8, 0.5, 0.3, 0.5]}).to_parquet(tmp_path / "history.parquet")
+    rows = pd.DataFrame([{"status": "ok", "group": "dylora r=8", "task": "rte", "seed": 0, "best_step": 10,
+                          "artifacts": str(tmp_path), "config_json": "{}",
+                          "rank_scores_json": json.dumps({"r=1": 0.3, "r=8": 0.5})}])  # the last evaluation's
+    curve = report.rank_scores(rows).set_index("rank")
+    assert curve.score.to_dict() == {1: 0.6, 8: 0.8}
+
+
 def test_bootstrap_regression_and_squad():
     rng = np.random.default_rng(3)
     label = rng.uniform(0, 5, 300)
