@@ -21,8 +21,9 @@ class Diverged(HarnessError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-class Interrupted(HarnessError):
-    """SIGINT or SIGTERM arrived during a run."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived during a run. A KeyboardInterrupt, not an Exception, so that no library's
+    `except Exception` swallows it (tqdm's did, when the signal landed while a progress bar was starting)."""
 
     def __init__(self, message: str, signum: int = 15):
         super().__init__(message)

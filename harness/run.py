@@ -176,7 +176,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 row["adapter_bytes"] = save_adapter(model, variant, artifacts / "adapter.safetensors")
                 variant.save_other_formats(model, artifacts)
             row["status"] = "ok"
-    except (KeyboardInterrupt, Interrupted) as err:
+    except KeyboardInterrupt as err:  # Interrupted (SIGTERM, SIGINT) is one
         row.update(status="interrupted", error=f"{type(err).__name__}: {err}")
         finish(cfg, row, outcome, artifacts)  # further signals are ignored now (interrupts_as_exceptions)
         raise
