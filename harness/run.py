@@ -73,6 +73,9 @@ def validate_top_level(cfg: DictConfig) -> None:
             "sweep_name", cfg.sweep_name, "a non-empty name without '/'")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 @contextlib.contextmanager
 def interrupts_as_exceptions():
     """SIGTERM (cluster preemption, `kill`) and SIGINT (Ctrl-C) raise Interrupted, so the row gets written.
@@ -80,15 +83,13 @@ def interrupts_as_exceptions():
     After the first signal both are ignored for good in this process (it is stopping): a second one (a group
     kill and the sweeper passing it on, Ctrl-C twice) cannot cut the writing of the `interrupted` row short.
     """
-    numbers = (signal.SIGTERM, signal.SIGINT)
-
     def handler(signum, frame):
-        for number in numbers:
+        for number in STOP_SIGNALS:
             signal.signal(number, signal.SIG_IGN)
         raise Interrupted(f"received {signal.Signals(signum).name}", signum)
 
     try:
-        previous = {number: signal.signal(number, handler) for number in numbers}
+        previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
     except ValueError:  # not the main thread (e.g. a thread-based launcher): leave signals alone
         yield
         return
@@ -106,8 +107,7 @@ def signals_held():
     written whole before the process stops."""
     held: list[int] = []
     try:
-        previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
-                    for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in STOP_SIGNALS}
     except ValueError:  # not the main thread: Python cannot catch signals here anyway
         yield
         return

@@ -84,7 +84,8 @@ def expand_jobs(grid: Sequence[Sequence[str]], default_variant: str, rank_params
     each `when` entry `"key=value": [overrides]` (in order) whose choice the job has, those overrides are
     added, replacing any earlier override of the same key: a paper's own recipe for one variant, or a
     per-task step budget. A key the user set on the `command_line` (overrides as typed) is never replaced:
-    `+sweep=cpu_glue train.epochs=5` trains 5 epochs everywhere, whatever the file's `when` says. An entry is a typo, and an error, when no job chose its value and the sweep file's
+    `+sweep=cpu_glue train.epochs=5` trains 5 epochs everywhere, whatever the file's `when` says.
+    An entry is a typo, and an error, when no job chose its value and the sweep file's
     own grid (`declared`, its params before command-line narrowing) does not list it either, or when it names
     an unregistered variant; a file narrowed on the command line (`+sweep=cpu_glue task=mrpc`) keeps its
     entries for the tasks it no longer runs.
