@@ -27,10 +27,18 @@ def sentence(rng: np.random.Generator, n: int = 8) -> str:
     return " ".join(rng.choice(WORDS, size=n))
 
 
-def write_glue_split(folder: Path, split: str, columns: list[str], n: int, labels, seed: int) -> None:
-    """A small split in the hub schema: text columns, `label`, `idx` (int32)."""
+def write_glue_split(folder: Path, split: str, columns: list[str], n: int, labels, seed: int,
+                     reuse: bool = False) -> None:
+    """A small split in the hub schema: text columns, `label`, `idx` (int32).
+
+    `reuse`: half the rows take their second text from another row's first, as QQP's questions recur.
+    """
     rng = np.random.default_rng(seed)
     data = {c: [sentence(rng, int(rng.integers(4, 12))) for _ in range(n)] for c in columns}
+    if reuse:
+        first, second = columns
+        for i in range(0, n, 2):
+            data[second][i] = data[first][(7 * i + 3) % n]
     data["label"] = labels(rng, n)
     data["idx"] = np.arange(n, dtype=np.int32)
     folder.mkdir(parents=True, exist_ok=True)
@@ -39,7 +47,8 @@ def write_glue_split(folder: Path, split: str, columns: list[str], n: int, label
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
-    """glue/{rte,sst2,cola,stsb,mrpc}/{train,validation} and glue/mnli validation_* (no train, like here)."""
+    """glue/{rte,sst2,cola,stsb,mrpc}/{train,validation}; glue/mnli validation_* and glue/{qqp,qnli}/validation
+    (no train, like here)."""
     root = tmp_path_factory.mktemp("data")
     binary = lambda rng, n: rng.integers(0, 2, size=n).astype(np.int64)  # noqa: E731
     three = lambda rng, n: rng.integers(0, 3, size=n).astype(np.int64)  # noqa: E731
@@ -51,6 +60,8 @@ def tiny_data_dir(tmp_path_factory) -> Path:
         write_glue_split(root / "glue" / task, "validation", columns, 40, labels, seed=2)
     for split in ("validation_matched", "validation_mismatched"):
         write_glue_split(root / "glue" / "mnli", split, ["premise", "hypothesis"], 60, three, seed=3)
+    write_glue_split(root / "glue" / "qqp", "validation", ["question1", "question2"], 60, binary, seed=4, reuse=True)
+    write_glue_split(root / "glue" / "qnli", "validation", ["question", "sentence"], 60, binary, seed=5, reuse=True)
     return root
 
 

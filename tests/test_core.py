@@ -188,6 +188,32 @@ def test_holdout_protocol_is_grouped_disjoint_and_recorded(make_cfg):
     assert "NOT the standard split" in task.protocol_description()
 
 
+@pytest.mark.parametrize("task_name, columns", [("qqp", ["question1", "question2"]),
+                                                ("qnli", ["question", "sentence"])])
+def test_holdout_keeps_every_text_on_one_side(make_cfg, task_name, columns):
+    """A question that recurs in another row's other column must not be on both sides (QQP, QNLI)."""
+
+    def texts(ds):
+        return set(ds[columns[0]]) | set(ds[columns[1]])
+
+    grouped = make_cfg(f"task={task_name}", "data.protocol=holdout")
+    task = tasks.get(grouped.task, grouped.data)
+    train, evals = task.train_and_eval_raw()
+    assert texts(train).isdisjoint(texts(evals["validation"]))
+    assert len(train) + len(evals["validation"]) == 60 and len(evals["validation"]) > 0
+    assert f"grouped by {'+'.join(columns)}" in task.protocol_description()
+
+    single = make_cfg(f"task={task_name}", "data.protocol=holdout", f"task.holdout.group_by={columns[0]}")
+    train, evals = tasks.get(single.task, single.data).train_and_eval_raw()
+    assert not texts(train).isdisjoint(texts(evals["validation"])), "the fixture must repeat texts across columns"
+
+
+def test_holdout_group_by_must_name_columns(make_cfg):
+    cfg = make_cfg("task=qqp", "data.protocol=holdout", "task.holdout.group_by=[question1,title]")
+    with pytest.raises(ConfigError, match="task.holdout.group_by"):
+        tasks.get(cfg.task, cfg.data).train_and_eval_raw()
+
+
 def test_holdout_needs_a_source_split(make_cfg):
     cfg = make_cfg("data.protocol=holdout")
     with pytest.raises(ConfigError, match="holdout"):
@@ -277,6 +303,15 @@ def test_mnli_scores_matched_and_mismatched(make_cfg):
     assert row["status"] == "ok", row["error"]
     assert row["metric_accuracy"] is not None and row["metric_accuracy_mm"] is not None
     assert row["protocol"].startswith("holdout")
+
+
+def test_qqp_and_qnli_run_under_the_holdout_protocol(make_cfg):
+    qqp = run(make_cfg("task=qqp", "data.protocol=holdout"))
+    assert qqp["status"] == "ok", qqp["error"]
+    assert qqp["metric_accuracy"] is not None and qqp["metric_f1"] is not None
+    qnli = run(make_cfg("task=qnli", "data.protocol=holdout"))
+    assert qnli["status"] == "ok", qnli["error"]
+    assert qnli["primary_metric"] == "accuracy" and qnli["protocol"].startswith("holdout")
 
 
 def test_divergence_is_a_row_not_a_crash(make_cfg):

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from omegaconf import OmegaConf
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
 
 from harness.errors import ConfigError, DataError, require
@@ -25,6 +27,29 @@ from harness.results import publish_folder
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("standard", "holdout")
+
+
+def group_columns(group_by) -> list[str]:
+    """`holdout.group_by` as a list of column names (it may be one name, a list, or unset)."""
+    if not group_by:
+        return []
+    return [group_by] if isinstance(group_by, str) else list(group_by)
+
+
+def shared_value_groups(frame: pd.DataFrame) -> np.ndarray:
+    """A group label per row: rows that share a value (in any of the columns) are one group, transitively.
+
+    Grouping QQP by question1 alone still put a question on both sides whenever it also appeared as another
+    row's question2; the connected components of the row-value graph keep every text on one side.
+    """
+    n_rows = len(frame)
+    values, _ = pd.factorize(pd.concat([frame[column] for column in frame.columns], ignore_index=True))
+    rows = np.tile(np.arange(n_rows), len(frame.columns))
+    rows, values = rows[values >= 0], values[values >= 0]  # a missing value (-1) links nothing
+    nodes = n_rows + int(values.max(initial=-1)) + 1
+    graph = coo_matrix((np.ones(len(rows)), (rows, values + n_rows)), shape=(nodes, nodes))
+    _, labels = connected_components(graph, directed=False)
+    return labels[:n_rows]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -96,11 +121,11 @@ class Task:
     def protocol_description(self) -> str:
         if self.protocol == "standard":
             return f"standard: train on {self.cfg.train_split}, evaluate on {', '.join(self.eval_splits)}"
-        group = self.cfg.holdout.get("group_by")
+        group = group_columns(self.cfg.holdout.get("group_by"))
         return (
             f"holdout: train and evaluation sets both drawn from {self.cfg.holdout.source_split}; "
             f"{self.data_cfg.holdout_fraction:g} held out for evaluation"
-            + (f" grouped by {group}" if group else "")
+            + (f" grouped by {'+'.join(group)}" if group else "")
             + f", seed {self.data_cfg.holdout_seed}; NOT the standard split"
         )
 
@@ -152,13 +177,21 @@ class Task:
         evals = {split: self.load_split(split) for split in self.eval_splits if split != source_name}
         return source.select(train_idx), {source_name: source.select(eval_idx), **evals}
 
-    def holdout_indices(self, source: datasets.Dataset, group_by: str | None) -> tuple[np.ndarray, np.ndarray]:
-        """Split rows with scikit-learn, keeping every group (e.g. a premise, an article) on one side."""
+    def holdout_indices(self, source: datasets.Dataset, group_by) -> tuple[np.ndarray, np.ndarray]:
+        """Split rows with scikit-learn, keeping every group (an article; rows sharing a text) on one side.
+
+        `group_by` is a column or a list of them; `data.holdout_fraction` is the fraction of groups held out.
+        """
         fraction, seed = self.data_cfg.holdout_fraction, self.data_cfg.holdout_seed
         rows = np.arange(len(source))
-        if group_by:
+        columns = group_columns(group_by)
+        if columns:
+            missing = [c for c in columns if c not in source.column_names]
+            require(not missing, "task.holdout.group_by", group_by,
+                    f"columns of {self.name}'s {self.cfg.holdout.source_split} ({source.column_names})")
             splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
-            train_idx, eval_idx = next(splitter.split(rows, groups=source[group_by]))
+            groups = shared_value_groups(source.select_columns(columns).to_pandas())
+            train_idx, eval_idx = next(splitter.split(rows, groups=groups))
         else:
             splitter = ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
             train_idx, eval_idx = next(splitter.split(rows))
