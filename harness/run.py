@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness import adapters, models, results, tasks
 from harness.checkpoint import save_adapter
 from harness.errors import Diverged, Interrupted, require
-from harness.train import TrainOutcome, resolve_device, resolve_precision, train
+from harness.train import TrainOutcome, resolve_device, resolve_precision, train, validate_train
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         with interrupts_as_exceptions():
             validate_top_level(cfg)
+            validate_train(cfg.train)
             device = resolve_device(cfg.device)
             resolve_precision(cfg.train.precision, device)
             row["device"] = describe_device(device)

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from omegaconf import OmegaConf
 from transformers import get_scheduler
 
 from harness.errors import ConfigError, Diverged, require
@@ -160,22 +161,60 @@ def build_optimizer(model, variant, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
 
 
-def schedule_steps(cfg, batches_per_epoch: int) -> tuple[int, int, int]:
-    """(total optimizer steps, warmup steps, steps per epoch) from epochs/max_steps and the warmup setting."""
-    require(cfg.grad_accum >= 1, "train.grad_accum", cfg.grad_accum, "an integer >= 1")
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum))
-    if cfg.max_steps is not None:
-        require(cfg.max_steps > 0, "train.max_steps", cfg.max_steps, "null or a positive integer")
-        total = int(cfg.max_steps)
-    else:
-        require(cfg.epochs > 0, "train.epochs", cfg.epochs, "a positive number")
-        total = math.ceil(cfg.epochs * steps_per_epoch)
+def validate_train(cfg) -> None:
+    """Check every `train.*` value before anything is loaded, so a typo fails in a second, not after the model
+    and the tokenized data (minutes for SQuAD)."""
+    require(cfg.schedule in SCHEDULES, "train.schedule", cfg.schedule, f"one of {sorted(SCHEDULES)}")
+    for key in ("batch_size", "eval_batch_size", "grad_accum", "log_every_steps"):
+        require(is_int(cfg[key]) and cfg[key] >= 1, f"train.{key}", cfg[key], "an integer >= 1")
+    require(cfg.max_steps is None or (is_int(cfg.max_steps) and cfg.max_steps > 0), "train.max_steps",
+            cfg.max_steps, "null or a positive integer")
+    require(cfg.max_steps is not None or is_number(cfg.epochs) and cfg.epochs > 0, "train.epochs", cfg.epochs,
+            "a positive number (or set train.max_steps)")
+    require(cfg.eval_every_steps is None or (is_int(cfg.eval_every_steps) and cfg.eval_every_steps >= 1),
+            "train.eval_every_steps", cfg.eval_every_steps, "null or an integer >= 1")
     if cfg.warmup_epochs is not None:
+        require(is_number(cfg.warmup_epochs) and cfg.warmup_epochs >= 0, "train.warmup_epochs", cfg.warmup_epochs,
+                "null or a number >= 0")
         require(not cfg.warmup_ratio, "train.warmup_ratio", cfg.warmup_ratio,
                 "0 or null when train.warmup_epochs is set (give warmup one way)")
+    else:
+        ratio = cfg.warmup_ratio or 0
+        require(is_number(ratio) and 0 <= ratio < 1, "train.warmup_ratio", cfg.warmup_ratio, "0 <= ratio < 1")
+    require(is_number(cfg.lr) and cfg.lr > 0, "train.lr", cfg.lr, "a positive number")
+    require(is_number(cfg.weight_decay) and cfg.weight_decay >= 0, "train.weight_decay", cfg.weight_decay,
+            "a number >= 0")
+    betas = list(cfg.adam_betas) if OmegaConf.is_list(cfg.adam_betas) else cfg.adam_betas
+    require(isinstance(betas, list) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
+            "train.adam_betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+    require(is_number(cfg.adam_eps) and cfg.adam_eps > 0, "train.adam_eps", cfg.adam_eps, "a positive number")
+    require(cfg.max_grad_norm is None or (is_number(cfg.max_grad_norm) and cfg.max_grad_norm > 0),
+            "train.max_grad_norm", cfg.max_grad_norm, "null (no clipping) or a positive number")
+    require(is_int(cfg.num_workers) and cfg.num_workers >= 0, "train.num_workers", cfg.num_workers,
+            "an integer >= 0")
+    require(isinstance(cfg.gradient_checkpointing, bool), "train.gradient_checkpointing",
+            cfg.gradient_checkpointing, "true or false")
+    require(cfg.precision in PRECISIONS, "train.precision", cfg.precision, f"one of {sorted(PRECISIONS)}")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def schedule_steps(cfg, batches_per_epoch: int) -> tuple[int, int, int]:
+    """(total optimizer steps, warmup steps, steps per epoch) from epochs/max_steps and the warmup setting."""
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.grad_accum))
+    if cfg.max_steps is not None:
+        total = int(cfg.max_steps)
+    else:
+        total = math.ceil(cfg.epochs * steps_per_epoch)
+    if cfg.warmup_epochs is not None:
         warmup = round(cfg.warmup_epochs * steps_per_epoch)
     else:
-        require(0 <= (cfg.warmup_ratio or 0) < 1, "train.warmup_ratio", cfg.warmup_ratio, "0 <= ratio < 1")
         warmup = round((cfg.warmup_ratio or 0) * total)
     return total, min(warmup, total), steps_per_epoch
 
@@ -183,9 +222,8 @@ def schedule_steps(cfg, batches_per_epoch: int) -> tuple[int, int, int]:
 def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed: int,
           outcome: TrainOutcome) -> TrainOutcome:
     """Train `model` in place; evaluate after every epoch (and every `eval_every_steps`)."""
+    validate_train(cfg)
     amp_dtype = resolve_precision(cfg.precision, device)
-    require(cfg.schedule in SCHEDULES, "train.schedule", cfg.schedule, f"one of {sorted(SCHEDULES)}")
-    require(cfg.batch_size >= 1, "train.batch_size", cfg.batch_size, "an integer >= 1")
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                         collate_fn=collate, num_workers=cfg.num_workers, drop_last=False,

@@ -371,8 +371,24 @@ def test_schedule_steps_from_ratio_and_from_epochs():
     assert schedule_steps(cfg, batches_per_epoch=10) == (30, 10, 5)  # the article: 2 epochs up, 4 down
     cfg = OmegaConf.merge(cfg, {"warmup_epochs": None, "warmup_ratio": 0.1, "max_steps": 50})
     assert schedule_steps(cfg, batches_per_epoch=10) == (50, 5, 5)
-    with pytest.raises(ConfigError, match="warmup"):
-        schedule_steps(OmegaConf.merge(cfg, {"warmup_epochs": 1}), 10)
+
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.schedule=bogus", "train.schedule"), ("train.batch_size=0", "train.batch_size"),
+    ("train.log_every_steps=0", "train.log_every_steps"), ("train.grad_accum=0", "train.grad_accum"),
+    ("train.max_steps=0", "train.max_steps"), ("train.eval_every_steps=0", "train.eval_every_steps"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio"), ("train.warmup_epochs=1", "train.warmup_ratio"),
+    ("train.lr=-1e-4", "train.lr"), ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.adam_betas=[0.9]", "train.adam_betas"), ("train.adam_eps=0", "train.adam_eps"),
+    ("train.max_grad_norm=0", "train.max_grad_norm"), ("train.num_workers=-1", "train.num_workers"),
+    ("train.gradient_checkpointing=sometimes", "train.gradient_checkpointing"),
+    ("train.precision=fp8", "train.precision"),
+])
+def test_bad_train_values_fail_before_anything_is_loaded(make_cfg, override, key):
+    row = run(make_cfg(override, "train.warmup_ratio=0.06" if "warmup_epochs" in override else "seed=0"))
+    assert row["status"] == "failed" and f"{key}=" in row["error"], row["error"]
+    assert row.get("total_params") is None, "validation must come before the model is built"
 
 
 def test_saved_tensor_meter_counts_shared_storage_once():
