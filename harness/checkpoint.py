@@ -18,11 +18,11 @@ def adapter_state(model: nn.Module, variant) -> dict[str, torch.Tensor]:
     return {name: t.contiguous().cpu().clone() for name, t in state.items()}
 
 
-def save_adapter(model: nn.Module, variant, path: Path) -> int:
-    """Write the adapter file; returns its size in bytes."""
+def save_adapter(model: nn.Module, variant, path: Path, state: dict[str, torch.Tensor] | None = None) -> int:
+    """Write the adapter file (the model's current `adapter_state`, or `state` taken earlier); returns its size."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(adapter_state(model, variant), str(tmp), metadata={"variant": variant.name})
+    save_file(adapter_state(model, variant) if state is None else state, str(tmp), metadata={"variant": variant.name})
     tmp.replace(path)
     return path.stat().st_size
 

@@ -144,7 +144,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     row = config_columns(cfg, key)
     row["git_sha"], row["git_dirty"] = results.git_state()
     row["started_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    outcome = TrainOutcome()
+    outcome = TrainOutcome(keep_best_state=bool(cfg.save_adapter))
     artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, key)
     shutil.rmtree(artifacts, ignore_errors=True)  # an earlier failed attempt's history must not pass for this one's
     model = variant = None
@@ -175,6 +175,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                   device, cfg.seed, outcome)
             if cfg.save_adapter:
                 row["adapter_bytes"] = save_adapter(model, variant, artifacts / "adapter.safetensors")
+                if outcome.best is not None and outcome.best["step"] != outcome.last["step"]:
+                    save_adapter(model, variant, artifacts / "adapter_best.safetensors", outcome.best_state)
                 variant.save_other_formats(model, artifacts)
             row["status"] = "ok"
     except KeyboardInterrupt as err:  # Interrupted (SIGTERM, SIGINT) is one

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from omegaconf import OmegaConf
 from transformers import get_scheduler
 
+from harness.checkpoint import adapter_state
 from harness.errors import ConfigError, Diverged, require
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ class TrainOutcome:
     history: list[dict[str, Any]] = field(default_factory=list)
     predictions: dict[str, pd.DataFrame] = field(default_factory=dict)  # "best" and "last"
     best: dict[str, Any] | None = None
+    keep_best_state: bool = False  # copy the trained tensors at each new best evaluation (to save them)
+    best_state: dict[str, torch.Tensor] | None = None
     last: dict[str, Any] | None = None
     setting_scores: dict[str, float] = field(default_factory=dict)  # DyLoRA: primary score per rank
     steps: int = 0
@@ -393,6 +396,8 @@ def evaluate_and_record(model, task, eval_sets, collate, variant, cfg, device, a
     if outcome.best is None or better(score, outcome.best["score"]):
         outcome.best = entry
         outcome.predictions["best"] = predictions
+        if outcome.keep_best_state:
+            outcome.best_state = adapter_state(model, variant)
 
 
 def better(score: float, best: float) -> bool:
