@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from harness.errors import ConfigError, require
+from harness.errors import ConfigError, HubUnavailable, require
 from harness.hub import from_hub
 from harness.results import publish_folder
 
@@ -83,7 +83,13 @@ def load_tokenizer(model_cfg, cache_dir: str | Path) -> PreTrainedTokenizerFast:
         return tiny_bpe_tokenizer(Path(cache_dir))
     require(name is not None, "model.tokenizer", name, "a hub id, a local folder, package:<module> or tiny_bpe")
     source = resolve_source(name)
-    return from_hub(lambda: AutoTokenizer.from_pretrained(source, use_fast=True), f"the tokenizer of {source!r}")
+    try:
+        return from_hub(lambda: AutoTokenizer.from_pretrained(source, use_fast=True), f"the tokenizer of {source!r}")
+    except HubUnavailable as err:
+        if model_cfg.init != "random":
+            raise
+        raise HubUnavailable(f"{err} With model.init=random, model.tokenizer=tiny_bpe builds a small tokenizer "
+                             "offline (its ids fit any vocabulary), enough to time training without weights.") from err
 
 
 def load(model_cfg, head_kind: str, num_labels: int, cache_dir: str | Path, with_tokenizer: bool = True

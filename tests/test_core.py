@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from harness import adapters, models, results, tasks
 from harness.checkpoint import load_adapter
-from harness.errors import ConfigError, DataError
+from harness.errors import ConfigError, DataError, HubUnavailable
 from harness.inspect import inspect
 from harness.run import run
 from harness.train import SavedTensorMeter, schedule_steps
@@ -212,6 +212,14 @@ def test_holdout_group_by_must_name_columns(make_cfg):
     cfg = make_cfg("task=qqp", "data.protocol=holdout", "task.holdout.group_by=[question1,title]")
     with pytest.raises(ConfigError, match="task.holdout.group_by"):
         tasks.get(cfg.task, cfg.data).train_and_eval_raw()
+
+
+def test_random_init_without_the_hub_names_the_offline_tokenizer(make_cfg, tmp_path):
+    cfg = make_cfg("model=roberta_base", "model.init=random")
+    with pytest.raises(HubUnavailable, match="model.tokenizer=tiny_bpe"):
+        models.load_tokenizer(cfg.model, tmp_path)
+    offline = make_cfg("model=roberta_base", "model.init=random", "model.tokenizer=tiny_bpe")
+    assert len(models.load_tokenizer(offline.model, tmp_path)) <= offline.model.architecture.vocab_size
 
 
 def test_holdout_needs_a_source_split(make_cfg):
