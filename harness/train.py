@@ -222,6 +222,18 @@ def schedule_steps(cfg, batches_per_epoch: int) -> tuple[int, int, int]:
     return total, min(warmup, total), steps_per_epoch
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each layer's activations in backward instead of keeping them (`train.gradient_checkpointing`).
+
+    Non-reentrant checkpointing works when no input requires grad, which is the frozen-base case.
+    transformers 5 renamed the switch (the old name warns); 4.x has only the old one.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed: int,
           outcome: TrainOutcome) -> TrainOutcome:
     """Train `model` in place; evaluate after every epoch (and every `eval_every_steps`)."""
@@ -240,8 +252,7 @@ def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed
     # fp16 needs loss scaling; trainable parameters stay fp32 either way (autocast casts per op).
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing works when no input requires grad, which is the frozen-base case.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     rank_generator = torch.Generator().manual_seed(seed + 1)  # DyLoRA's rank draws, apart from dropout's
 
     if device.type == "cuda":

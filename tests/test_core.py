@@ -21,7 +21,7 @@ from harness.checkpoint import load_adapter
 from harness.errors import ConfigError, DataError, HubUnavailable
 from harness.inspect import inspect
 from harness.run import run
-from harness.train import SavedTensorMeter, schedule_steps
+from harness.train import SavedTensorMeter, enable_activation_checkpointing, schedule_steps
 
 from conftest import CONF_DIR, REPO
 
@@ -359,12 +359,12 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_a_frozen_base(make
 
     torch.manual_seed(0)
     plain = grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     with SavedTensorMeter(model) as checkpointed_meter:
         model(input_ids=ids, labels=labels)
     torch.manual_seed(0)
     checkpointed = grads()
-    model.gradient_checkpointing_disable()
+    getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
     with SavedTensorMeter(model) as plain_meter:
         model(input_ids=ids, labels=labels)
     assert plain.keys() == checkpointed.keys()
@@ -373,13 +373,26 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_a_frozen_base(make
     assert checkpointed_meter.bytes < plain_meter.bytes
 
 
+def test_gradient_checkpointing_through_a_run_saves_activations_and_trains_the_same(make_cfg):
+    """`train.gradient_checkpointing=true` as a user sets it: same result, fewer bytes kept for backward."""
+    row_cfg = make_cfg()
+    plain = run(make_cfg("variant.dropout=0.0", "sweep_name=plain"))
+    checkpointed = run(make_cfg("variant.dropout=0.0", "train.gradient_checkpointing=true", "sweep_name=ckpt"))
+    assert plain["status"] == checkpointed["status"] == "ok", checkpointed["error"]
+    assert checkpointed["saved_activation_bytes"] < plain["saved_activation_bytes"]
+    assert checkpointed["score_last"] == pytest.approx(plain["score_last"])
+    assert checkpointed["metric_accuracy"] == pytest.approx(plain["metric_accuracy"])
+    losses = [pd.read_parquet(results.artifacts_dir(row_cfg.results_dir, name, row["run_key"]) / "history.parquet")
+              ["train_loss"] for name, row in (("plain", plain), ("ckpt", checkpointed))]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
 def test_schedule_steps_from_ratio_and_from_epochs():
     cfg = OmegaConf.create({"grad_accum": 2, "max_steps": None, "epochs": 6, "warmup_epochs": 2,
                             "warmup_ratio": 0})
     assert schedule_steps(cfg, batches_per_epoch=10) == (30, 10, 5)  # the article: 2 epochs up, 4 down
     cfg = OmegaConf.merge(cfg, {"warmup_epochs": None, "warmup_ratio": 0.1, "max_steps": 50})
     assert schedule_steps(cfg, batches_per_epoch=10) == (50, 5, 5)
-
 
 
 @pytest.mark.parametrize("override, key", [

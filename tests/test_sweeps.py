@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from harness import results, sweep
 from harness import run as run_module
 from harness.errors import ConfigError, Interrupted
+from harness.train import validate_train
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = str(REPO / "conf")
@@ -171,6 +172,23 @@ def test_recipes_follow_the_papers():
     assert (full_rte.batch_size, full_rte.epochs, full_rte.lr, list(full_rte.adam_betas)) == (16, 10, 2e-5, [0.9, 0.98])
     assert train("recipe=fairseq_roberta", "task=qqp")[0].warmup_ratio == 0.25  # fairseq's table: 28318/113272
     assert train("recipe=lora_paper", "task=wnli")[0].epochs == 3  # not in the paper: train/default.yaml
+
+
+RECIPES = sorted(p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml"))
+TASKS = sorted(p.stem for p in (REPO / "conf" / "task").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("task", TASKS)
+def test_every_recipe_composes_with_every_task_into_a_valid_training_config(recipe, task):
+    """The per-task file, where the recipe has one, is what the run gets; and the result passes validation."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"recipe={recipe}", f"task={task}"])
+    validate_train(cfg.train)
+    per_task = REPO / "conf" / "recipe" / recipe / f"{task}.yaml"
+    if per_task.exists():
+        for key, value in OmegaConf.load(per_task).get("train", {}).items():
+            assert cfg.train[key] == value, f"{per_task.name}: train.{key}"
 
 
 # ---- locks and resources -------------------------------------------------------------------------------
