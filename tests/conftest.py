@@ -18,6 +18,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = str(REPO / "conf")
 SHARED_DATA = REPO.parent / "shared" / "data"
+# SQuAD windows short enough that the fixture's contexts span several (with the squad_data_dir fixture)
+SQUAD_SHORT_WINDOWS = ["task.max_seq_len=48", "task.doc_stride=16", "task.max_question_len=12"]
 
 WORDS = ("the movie was good bad great dull a cat dog sat on mat film plot cast wonderful lifeless "
          "company profit rose said plan budget small capital france paris city").split()

@@ -19,7 +19,7 @@ from harness.inspect import inspect
 from harness.run import run
 from harness.tasks.squad import answer_token_span, best_span
 
-SMALL = ["task.max_seq_len=48", "task.doc_stride=16", "task.max_question_len=12"]
+from conftest import SQUAD_SHORT_WINDOWS as SMALL
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ from harness.inspect import compose_config, inspect
 from harness.run import count_parameters, run
 from harness.train import SavedTensorMeter
 
+from conftest import SQUAD_SHORT_WINDOWS
+
 ADAPTERS = sorted(name for name, cls in VARIANTS.items() if issubclass(cls, AdapterVariant))
 PEFT_ADAPTERS = [name for name in ADAPTERS if VARIANTS[name].peft_supported]
 WITHOUT_PEFT = sorted(name for name, cls in VARIANTS.items() if not cls.peft_supported)
@@ -39,8 +41,8 @@ def build(cfg, adapter_seed: int | None = None):
     return loaded.model, variant, loaded.head
 
 
-def variant_cfg(make_cfg, name: str, *overrides: str):
-    return make_cfg(f"variant={name}", *TINY.get(name, []), *overrides)
+def variant_cfg(make_cfg, name: str, *overrides: str, **kwargs):
+    return make_cfg(f"variant={name}", *TINY.get(name, []), *overrides, **kwargs)
 
 
 @torch.no_grad()
@@ -379,6 +381,19 @@ def test_every_adapter_trains_through_run_and_writes_its_row(make_cfg, name):
     if VARIANTS[name].peft_supported:
         peft_folder = artifacts / "peft_adapter"
         assert (peft_folder / "adapter_config.json").exists() and (peft_folder / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_variant_trains_on_squad_v2_with_its_span_head_saved(make_cfg, squad_data_dir, name):
+    """Injection is task-agnostic: every variant (baselines too) runs extractive QA and saves qa_outputs."""
+    overrides = {"delta_lora": ["variant.start_step=0"], "dylora": ["variant.eval_ranks=[1,2]"]}.get(name, [])
+    cfg = variant_cfg(make_cfg, name, "task=squad_v2", *SQUAD_SHORT_WINDOWS, "train.max_steps=2",
+                      "data.max_eval_samples=12", *overrides, data_dir=squad_data_dir)
+    row = run(cfg)
+    assert row["status"] == "ok", row.get("error")
+    assert 0 <= row["metric_f1"] <= 100 and row["metric_HasAns_f1"] is not None
+    saved = load_file(results.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"]) / "adapter.safetensors")
+    assert {"qa_outputs.weight", "qa_outputs.bias"} <= set(saved)
 
 
 # ---- bad configs -------------------------------------------------------------------------------------
