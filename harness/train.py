@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from omegaconf import OmegaConf
 from transformers import get_scheduler
 
 from harness.checkpoint import adapter_state
@@ -197,7 +197,7 @@ def validate_train(cfg) -> None:
             "an integer >= 0")
     require(isinstance(cfg.gradient_checkpointing, bool), "train.gradient_checkpointing",
             cfg.gradient_checkpointing, "true or false")
-    require(cfg.precision in PRECISIONS, "train.precision", cfg.precision, f"one of {sorted(PRECISIONS)}")
+    # train.precision: resolve_precision, which also knows the device
 
 
 def is_int(value) -> bool:
@@ -236,8 +236,9 @@ def enable_activation_checkpointing(model) -> None:
 
 def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed: int,
           outcome: TrainOutcome) -> TrainOutcome:
-    """Train `model` in place; evaluate after every epoch (and every `eval_every_steps`)."""
-    validate_train(cfg)
+    """Train `model` in place; evaluate after every epoch (and every `eval_every_steps`).
+
+    `cfg` has passed `validate_train` (run() checks it before loading anything)."""
     amp_dtype = resolve_precision(cfg.precision, device)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
