@@ -128,6 +128,61 @@ def test_lora_matches_peft_outputs_and_gradients(make_cfg):
         torch.testing.assert_close(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad)
 
 
+def test_training_loop_takes_the_same_steps_as_the_transformers_trainer(make_cfg, tmp_path):
+    """Our loop against the outside reference, transformers' Trainer with peft's LoRA: same weights in, the
+    same batches, no dropout -> the same loss at every step and the same trained weights. Covers what a
+    loop can get subtly wrong: AdamW's decay groups, warmup then linear decay (off by one?), clipping, eps.
+
+    One batch is the whole training set, so the two samplers' orders cannot differ."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from harness.train import TrainOutcome, train
+
+    cfg = make_cfg("task=sst2", "variant.r=4", "variant.alpha=8", "train.max_steps=10", "train.batch_size=96",
+                   "train.lr=5e-3", "train.warmup_ratio=0.3", "train.max_grad_norm=0.05", "train.weight_decay=0.5")
+
+    ours, variant, task = build(cfg)
+    plain = models.load(cfg.model, "classification", 2, cfg.data.cache_dir).model
+    plain.load_state_dict({k.replace(".base.", "."): v for k, v in ours.model.state_dict().items() if "lora_" not in k})
+    theirs = get_peft_model(plain, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0,
+                                              modules_to_save=["classifier"]))
+    for name, layer in adapters.adapter_layers(ours.model):
+        theirs.base_model.model.get_submodule(name).lora_A["default"].weight.data.copy_(layer.lora_A.data)
+    theirs.base_model.model.classifier.modules_to_save["default"].load_state_dict(ours.model.classifier.state_dict())
+    for module in [*ours.model.modules(), *theirs.modules()]:
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    train_set, eval_sets = task.datasets(ours.tokenizer, cfg.seed)
+    assert len(train_set) == cfg.train.batch_size
+    collate = task.collate(ours.tokenizer)
+
+    outcome = train(ours.model, task, train_set, eval_sets, collate, variant, cfg.train, torch.device("cpu"),
+                    cfg.seed, TrainOutcome())
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=10, per_device_train_batch_size=96, learning_rate=5e-3,
+        warmup_steps=3, lr_scheduler_type="linear", max_grad_norm=0.05, weight_decay=0.5, adam_epsilon=cfg.train.adam_eps,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        remove_unused_columns=False)
+    trainer = Trainer(model=theirs, args=args, train_dataset=train_set,
+                      data_collator=lambda rows: {k: v for k, v in collate(rows).items() if k != "idx"})
+    trainer.train()
+
+    our_losses = [entry["train_loss"] for entry in outcome.history]  # one evaluation per epoch = per step
+    their_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(our_losses) == len(their_losses) == 10
+    assert max(our_losses) - min(our_losses) > 0.005  # the steps moved the loss, so equal losses say something
+    torch.testing.assert_close(torch.tensor(our_losses), torch.tensor(their_losses), rtol=1e-4, atol=1e-5)
+    for name, layer in adapters.adapter_layers(ours.model):
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.lora_A, peft_layer.lora_A["default"].weight, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.lora_B, peft_layer.lora_B["default"].weight, rtol=1e-4, atol=1e-6)
+        assert layer.lora_B.abs().max() > 1e-3  # B left zero well beyond the tolerance
+    their_head = theirs.base_model.model.classifier.modules_to_save["default"].state_dict()
+    for key, value in ours.model.classifier.state_dict().items():
+        torch.testing.assert_close(value, their_head[key], rtol=1e-4, atol=1e-6)
+
+
 # ---- injection errors ---------------------------------------------------------------------------------
 def test_unmatched_targets_fail_listing_what_exists(make_cfg):
     with pytest.raises(ConfigError, match=r"matched no module.*query"):
