@@ -96,24 +96,30 @@ def test_all_linear_targets_every_encoder_linear_but_never_the_head(make_cfg):
 
 
 # ---- LoRA against peft -------------------------------------------------------------------------------
-def test_lora_matches_peft_outputs_and_gradients(make_cfg):
+def peft_twin(cfg, ours):
+    """peft's LoRA (r=4, alpha=8 on query,value; classifier trained) on a copy of `ours`: same base, A, B, head."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = make_cfg("variant.r=4", "variant.alpha=8")
-    ours, _, _ = build(cfg)
-    torch.manual_seed(0)
     plain = models.load(cfg.model, "classification", 2, cfg.data.cache_dir).model
     # Same base weights: copy ours' base (the wrapped .base.weight) into peft's model.
-    base_state = {k.replace(".base.", "."): v for k, v in ours.model.state_dict().items() if "lora_" not in k}
-    plain.load_state_dict(base_state)
+    plain.load_state_dict({k.replace(".base.", "."): v for k, v in ours.model.state_dict().items() if "lora_" not in k})
     theirs = get_peft_model(plain, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                                               lora_dropout=0.0, modules_to_save=["classifier"]))
     for name, layer in adapters.adapter_layers(ours.model):
         peft_layer = theirs.base_model.model.get_submodule(name)
-        torch.nn.init.normal_(layer.lora_B)  # non-zero B so the adapter path matters
         peft_layer.lora_A["default"].weight.data.copy_(layer.lora_A.data)
         peft_layer.lora_B["default"].weight.data.copy_(layer.lora_B.data)
     theirs.base_model.model.classifier.modules_to_save["default"].load_state_dict(ours.model.classifier.state_dict())
+    return theirs
+
+
+def test_lora_matches_peft_outputs_and_gradients(make_cfg):
+    cfg = make_cfg("variant.r=4", "variant.alpha=8")
+    ours, _, _ = build(cfg)
+    torch.manual_seed(0)
+    for _, layer in adapters.adapter_layers(ours.model):
+        torch.nn.init.normal_(layer.lora_B)  # non-zero B so the adapter path matters
+    theirs = peft_twin(cfg, ours)
     ids = torch.randint(3, 500, (3, 11))
     labels = torch.tensor([0, 1, 1])
     ours.model.eval(), theirs.eval()
@@ -134,22 +140,14 @@ def test_training_loop_takes_the_same_steps_as_the_transformers_trainer(make_cfg
     loop can get subtly wrong: AdamW's decay groups, warmup then linear decay (off by one?), clipping, eps.
 
     One batch is the whole training set, so the two samplers' orders cannot differ."""
-    from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
     from harness.train import TrainOutcome, train
 
     cfg = make_cfg("task=sst2", "variant.r=4", "variant.alpha=8", "train.max_steps=10", "train.batch_size=96",
                    "train.lr=5e-3", "train.warmup_ratio=0.3", "train.max_grad_norm=0.05", "train.weight_decay=0.5")
-
     ours, variant, task = build(cfg)
-    plain = models.load(cfg.model, "classification", 2, cfg.data.cache_dir).model
-    plain.load_state_dict({k.replace(".base.", "."): v for k, v in ours.model.state_dict().items() if "lora_" not in k})
-    theirs = get_peft_model(plain, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0,
-                                              modules_to_save=["classifier"]))
-    for name, layer in adapters.adapter_layers(ours.model):
-        theirs.base_model.model.get_submodule(name).lora_A["default"].weight.data.copy_(layer.lora_A.data)
-    theirs.base_model.model.classifier.modules_to_save["default"].load_state_dict(ours.model.classifier.state_dict())
+    theirs = peft_twin(cfg, ours)
     for module in [*ours.model.modules(), *theirs.modules()]:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
