@@ -157,18 +157,20 @@ def test_training_loop_takes_the_same_steps_as_the_transformers_trainer(make_cfg
 
     outcome = train(ours.model, task, train_set, eval_sets, collate, variant, cfg.train, torch.device("cpu"),
                     cfg.seed, TrainOutcome())
+    recipe = cfg.train  # the same values, spelled as TrainingArguments
     args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"), max_steps=10, per_device_train_batch_size=96, learning_rate=5e-3,
-        warmup_steps=3, lr_scheduler_type="linear", max_grad_norm=0.05, weight_decay=0.5, adam_epsilon=cfg.train.adam_eps,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-        remove_unused_columns=False)
+        output_dir=str(tmp_path / "trainer"), max_steps=recipe.max_steps, per_device_train_batch_size=recipe.batch_size,
+        learning_rate=recipe.lr, warmup_steps=outcome.warmup_steps, lr_scheduler_type=recipe.schedule,
+        max_grad_norm=recipe.max_grad_norm, weight_decay=recipe.weight_decay, adam_beta1=recipe.adam_betas[0],
+        adam_beta2=recipe.adam_betas[1], adam_epsilon=recipe.adam_eps, logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
     trainer = Trainer(model=theirs, args=args, train_dataset=train_set,
                       data_collator=lambda rows: {k: v for k, v in collate(rows).items() if k != "idx"})
     trainer.train()
 
     our_losses = [entry["train_loss"] for entry in outcome.history]  # one evaluation per epoch = per step
     their_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(our_losses) == len(their_losses) == 10
+    assert outcome.warmup_steps == 3 and len(our_losses) == len(their_losses) == 10
     assert max(our_losses) - min(our_losses) > 0.005  # the steps moved the loss, so equal losses say something
     torch.testing.assert_close(torch.tensor(our_losses), torch.tensor(their_losses), rtol=1e-4, atol=1e-5)
     for name, layer in adapters.adapter_layers(ours.model):
