@@ -67,12 +67,18 @@ NON_SEMANTIC_DATA = {"dir", "cache_dir"}
 NON_SEMANTIC_TRAIN = {"num_workers", "log_every_steps", "eval_batch_size"}
 
 
+# Train keys added after rows were published, with the value that keeps the old behaviour: at that value a key
+# stays out of the hash, so adding it leaves every existing row's run_key (and so resuming its sweep) intact.
+ADDED_TRAIN_KEYS = {"head_lr": None}
+
+
 def semantic_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config minus paths, devices and bookkeeping: what determines the numbers."""
     full = OmegaConf.to_container(cfg, resolve=True)
     full = {k: v for k, v in full.items() if k not in NON_SEMANTIC}
     full["data"] = {k: v for k, v in full.get("data", {}).items() if k not in NON_SEMANTIC_DATA}
-    full["train"] = {k: v for k, v in full.get("train", {}).items() if k not in NON_SEMANTIC_TRAIN}
+    full["train"] = {k: v for k, v in full.get("train", {}).items()
+                     if k not in NON_SEMANTIC_TRAIN and not (k in ADDED_TRAIN_KEYS and v == ADDED_TRAIN_KEYS[k])}
     return full
 
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import adapters, models, results, tasks
 from harness.checkpoint import save_adapter
-from harness.errors import Diverged, Interrupted, require
+from harness.errors import ConfigError, Diverged, Interrupted, require
 from harness.train import TrainOutcome, resolve_device, resolve_precision, train, validate_train
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     existing = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, key))
     if existing is not None and existing["status"] == "ok":
         log.info("skip %s: run %s already has an ok row", describe(cfg), key)
+        warn_if_measured_elsewhere(existing, cfg.device)
         return existing
     row = config_columns(cfg, key)
     row["git_sha"], row["git_dirty"] = results.git_state()
@@ -233,6 +234,27 @@ def describe(cfg: DictConfig) -> str:
     rank = cfg.variant.get("r")
     return (f"task={cfg.task.name} variant={cfg.variant.name}" + (f" r={rank}" if rank is not None else "")
             + f" model={cfg.model.name} seed={cfg.seed}")
+
+
+def warn_if_measured_elsewhere(existing: dict[str, Any], device_name: str) -> None:
+    """The run_key leaves the device out (a config scores the same, to float noise, anywhere), so a sweep resumed on other hardware
+    keeps rows whose speed and memory were measured elsewhere: say so, rather than mix devices silently."""
+    try:
+        here = resolve_device(device_name)
+    except ConfigError:
+        return
+    measured_on = existing.get("device") or ""
+    if measured_on and device_kind(measured_on) != device_kind(describe_device(here)):
+        log.warning("run %s is kept as it is: its ok row was measured on %s, but this sitting runs on %s, so its "
+                    "throughput and memory columns describe %s. To measure on this device, run with another "
+                    "sweep_name (or results_dir).", existing["run_key"], measured_on, describe_device(here),
+                    measured_on)
+
+
+def device_kind(description: str) -> str:
+    """What speed and memory depend on: the GPU model ('cuda:NVIDIA A100-SXM4-80GB'), or just 'cpu' (thread count
+    and host vary between the sittings of one CPU sweep)."""
+    return description if description.startswith("cuda") else description.split(":")[0]
 
 
 def describe_device(device: torch.device) -> str:

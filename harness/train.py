@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from harness.adapters.base import is_under
 from harness.checkpoint import adapter_state
 from harness.errors import ConfigError, Diverged, require
 
@@ -159,9 +160,24 @@ class TrainOutcome:
 # ---- the loop ----------------------------------------------------------------------------------------
 def build_optimizer(model, variant, cfg) -> torch.optim.Optimizer:
     groups = variant.param_groups(model, cfg.lr, cfg.weight_decay)
+    if cfg.head_lr is not None:
+        groups = head_at_its_own_lr(groups, model, variant.head, cfg.head_lr)
     if not groups:
         raise ConfigError(f"variant={variant.name!r} left no trainable parameters")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+
+
+def head_at_its_own_lr(groups: list[dict], model, head: list[str], head_lr: float) -> list[dict]:
+    """The variant's groups with the task head's parameters split off at `head_lr`, keeping their weight decay:
+    VeRA's recipe trains its 43K vector entries and the head at separate rates."""
+    in_head = {id(param) for name, param in model.named_parameters() if is_under(name, head)}
+    split = []
+    for group in groups:
+        head_params = [p for p in group["params"] if id(p) in in_head]
+        rest = [p for p in group["params"] if id(p) not in in_head]
+        split += [{**group, "params": rest},
+                  {**group, "params": head_params, "lr": head_lr, "name": f"{group['name']}_head"}]
+    return [group for group in split if group["params"]]
 
 
 def validate_train(cfg) -> None:
@@ -185,6 +201,8 @@ def validate_train(cfg) -> None:
         ratio = cfg.warmup_ratio or 0
         require(is_number(ratio) and 0 <= ratio < 1, "train.warmup_ratio", cfg.warmup_ratio, "0 <= ratio < 1")
     require(is_number(cfg.lr) and cfg.lr > 0, "train.lr", cfg.lr, "a positive number")
+    require(cfg.head_lr is None or (is_number(cfg.head_lr) and cfg.head_lr > 0), "train.head_lr", cfg.head_lr,
+            "null (the head trains at train.lr) or a positive number")
     require(is_number(cfg.weight_decay) and cfg.weight_decay >= 0, "train.weight_decay", cfg.weight_decay,
             "a number >= 0")
     betas = list(cfg.adam_betas) if OmegaConf.is_list(cfg.adam_betas) else cfg.adam_betas

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from harness.checkpoint import load_adapter
 from harness.errors import ConfigError, DataError, HubUnavailable
 from harness.inspect import inspect
 from harness.run import run
-from harness.train import SavedTensorMeter, enable_activation_checkpointing, schedule_steps
+from harness.train import SavedTensorMeter, build_optimizer, enable_activation_checkpointing, schedule_steps
 
 from conftest import CONF_DIR, REPO
 
@@ -181,6 +182,39 @@ def test_training_loop_takes_the_same_steps_as_the_transformers_trainer(make_cfg
     their_head = theirs.base_model.model.classifier.modules_to_save["default"].state_dict()
     for key, value in ours.model.classifier.state_dict().items():
         torch.testing.assert_close(value, their_head[key], rtol=1e-4, atol=1e-6)
+
+
+def test_head_lr_trains_the_head_at_its_own_rate(make_cfg):
+    """Adam's first step moves each weight by lr * g / (|g| + eps), i.e. by lr wherever the gradient is not tiny:
+    the head by train.head_lr, the adapters by train.lr."""
+    cfg = make_cfg("train.lr=1e-3", "train.head_lr=3e-2", "train.weight_decay=0", "train.adam_eps=1e-12")
+    loaded, variant, _ = build(cfg)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters() if p.requires_grad}
+    optimizer = build_optimizer(loaded.model, variant, cfg.train)
+    loaded.model(input_ids=torch.randint(3, 500, (4, 9)), labels=torch.tensor([0, 1, 1, 0])).loss.backward()
+    optimizer.step()
+    moved_by = {"head": [], "adapter": []}
+    for name, param in loaded.model.named_parameters():
+        if param.requires_grad:
+            moved = (param.detach() - before[name])[param.grad.abs() > 1e-8]
+            moved_by["head" if name.startswith("classifier.") else "adapter"].append(moved.abs())
+    head, adapter = torch.cat(moved_by["head"]), torch.cat(moved_by["adapter"])
+    assert head.numel() > 100 and adapter.numel() > 100
+    torch.testing.assert_close(head, torch.full_like(head, 3e-2), rtol=1e-2, atol=0)
+    torch.testing.assert_close(adapter, torch.full_like(adapter, 1e-3), rtol=1e-2, atol=0)
+
+
+def test_committed_rows_keep_their_run_keys():
+    """The README's seed-table command, composed with today's config, finds the rows it made (in
+    results/sst2_vs_peft/): a config change that moved run_keys would make every committed sweep run again."""
+    committed = results.read_rows(REPO / "results" / "sst2_vs_peft").query("impl == 'ours'")
+    assert len(committed) >= 16
+    for seed, key in zip(committed.seed, committed.run_key):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[
+                "task=sst2", "variant=lora", "model=minilm", "data.dir=../shared/data", "train.max_steps=300",
+                f"seed={seed}", "sweep_name=sst2_vs_peft"])
+        assert results.run_key(cfg) == key, seed
 
 
 # ---- injection errors ---------------------------------------------------------------------------------
@@ -355,6 +389,21 @@ def test_same_config_is_skipped_and_changed_config_gets_a_new_key(make_cfg):
     assert results.run_key(make_cfg("results_dir=/elsewhere", "device=cuda")) == first["run_key"]
 
 
+def test_a_skipped_row_from_another_device_is_kept_with_a_warning(make_cfg, caplog):
+    cfg = make_cfg()
+    first = run(cfg)
+    results.write_row(cfg.results_dir, cfg.sweep_name, {**first, "device": "cuda:NVIDIA A100-SXM4-80GB"})
+    with caplog.at_level(logging.WARNING, logger="harness.run"):
+        again = run(cfg)
+    assert again["device"] == "cuda:NVIDIA A100-SXM4-80GB" and again["finished_at"] == first["finished_at"]
+    assert "measured on cuda:NVIDIA A100-SXM4-80GB" in caplog.text and "sweep_name" in caplog.text
+    caplog.clear()
+    results.write_row(cfg.results_dir, cfg.sweep_name, {**first, "device": "cpu:1 threads@elsewhere"})
+    with caplog.at_level(logging.WARNING, logger="harness.run"):
+        run(cfg)
+    assert "measured on" not in caplog.text  # another CPU host or thread count is the same kind of device
+
+
 def test_regression_head_for_stsb(make_cfg):
     row = run(make_cfg("task=stsb"))
     assert row["status"] == "ok", row["error"]
@@ -455,7 +504,8 @@ def test_schedule_steps_from_ratio_and_from_epochs():
     ("train.log_every_steps=0", "train.log_every_steps"), ("train.grad_accum=0", "train.grad_accum"),
     ("train.max_steps=0", "train.max_steps"), ("train.eval_every_steps=0", "train.eval_every_steps"),
     ("train.warmup_ratio=1.5", "train.warmup_ratio"), ("train.warmup_epochs=1", "train.warmup_ratio"),
-    ("train.lr=-1e-4", "train.lr"), ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.lr=-1e-4", "train.lr"), ("train.head_lr=0", "train.head_lr"),
+    ("train.weight_decay=-0.1", "train.weight_decay"),
     ("train.adam_betas=[0.9]", "train.adam_betas"), ("train.adam_eps=0", "train.adam_eps"),
     ("train.max_grad_norm=0", "train.max_grad_norm"), ("train.num_workers=-1", "train.num_workers"),
     ("train.gradient_checkpointing=sometimes", "train.gradient_checkpointing"),

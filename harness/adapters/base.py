@@ -170,6 +170,7 @@ class Variant:
     def prepare(self, model: nn.Module, head: list[str]) -> list[str]:
         """Freeze the model, inject this variant, unfreeze what it trains; return the targeted module names."""
         model.requires_grad_(False)
+        self.head = list(head)  # for train.head_lr
         targeted = self.inject(model, head)
         for name, param in model.named_parameters():
             if is_under(name, head) or self.trainable(name, param):
