@@ -130,6 +130,7 @@ class JobState:
     overrides: list[str]
     run_key: str
     status: str  # a row's status (ok, failed, ...) or "todo" when the run has no row yet
+    device: str | None = None  # where the row was measured (its speed and memory belong to that device)
 
     @property
     def done(self) -> bool:
@@ -140,7 +141,9 @@ def job_state(cfg: DictConfig, overrides: list[str]) -> JobState:
     """The run_key of a composed job config and the status of its row (`todo` without one)."""
     key = results.run_key(cfg)
     row = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, key))
-    return JobState(list(overrides), key, "todo" if row is None else row["status"])
+    if row is None:
+        return JobState(list(overrides), key, "todo")
+    return JobState(list(overrides), key, row["status"], row.get("device"))
 
 
 def job_states(jobs: Sequence[list[str]], compose: Callable[[list[str]], DictConfig]) -> list[JobState]:

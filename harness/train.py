@@ -180,6 +180,16 @@ def head_at_its_own_lr(groups: list[dict], model, head: list[str], head_lr: floa
     return [group for group in split if group["params"]]
 
 
+def learning_rates(optimizer: torch.optim.Optimizer) -> str:
+    """The current rates for the log: one number, or one per distinct rate with its groups' names."""
+    by_rate: dict[float, list[str]] = {}
+    for group in optimizer.param_groups:
+        by_rate.setdefault(group["lr"], []).append(group.get("name", "?"))
+    if len(by_rate) == 1:
+        return f"{next(iter(by_rate)):.3g}"
+    return " ".join(f"{rate:.3g} ({'+'.join(names)})" for rate, names in by_rate.items())
+
+
 def validate_train(cfg) -> None:
     """Check every `train.*` value before anything is loaded, so a typo fails in a second, not after the model
     and the tokenized data (minutes for SQuAD)."""
@@ -325,8 +335,8 @@ def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed
                 outcome.memory.update(memory_account(model, optimizer))
             progress.update(1)
             if step % cfg.log_every_steps == 0:
-                log.info("step %d/%d loss %.4f lr %.3g", step, total_steps, running_loss / running_n,
-                         scheduler.get_last_lr()[0])
+                log.info("step %d/%d loss %.4f lr %s", step, total_steps, running_loss / running_n,
+                         learning_rates(optimizer))
             done = step >= total_steps
             if (cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or end_of_epoch or done:
                 outcome.train_seconds += time.perf_counter() - clock

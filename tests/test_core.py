@@ -191,6 +191,9 @@ def test_head_lr_trains_the_head_at_its_own_rate(make_cfg):
     loaded, variant, _ = build(cfg)
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(loaded.model, variant, cfg.train)
+    decayed = build_optimizer(loaded.model, variant, make_cfg("train.head_lr=3e-2", "train.weight_decay=0.3").train)
+    assert {(g["name"], g["lr"], g["weight_decay"]) for g in decayed.param_groups} == {  # LoRA: A, B are matrices
+        ("decay", 5e-4, 0.3), ("decay_head", 3e-2, 0.3), ("no_decay_head", 3e-2, 0.0)}
     loaded.model(input_ids=torch.randint(3, 500, (4, 9)), labels=torch.tensor([0, 1, 1, 0])).loss.backward()
     optimizer.step()
     moved_by = {"head": [], "adapter": []}
@@ -207,7 +210,8 @@ def test_head_lr_trains_the_head_at_its_own_rate(make_cfg):
 def test_committed_rows_keep_their_run_keys():
     """The README's seed-table command, composed with today's config, finds the rows it made (in
     results/sst2_vs_peft/): a config change that moved run_keys would make every committed sweep run again."""
-    committed = results.read_rows(REPO / "results" / "sst2_vs_peft").query("impl == 'ours'")
+    committed = results.read_rows(REPO / "results" / "sst2_vs_peft").query(
+        "impl == 'ours' and variant == 'lora' and max_steps == 300")
     assert len(committed) >= 16
     for seed, key in zip(committed.seed, committed.run_key):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

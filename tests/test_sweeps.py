@@ -304,6 +304,7 @@ def test_smoke_sweep_lists_its_jobs_runs_exactly_those_records_failures_and_resu
     assert again.returncode == 1 and "1 of 1 jobs did not end ok" in again.stderr, again.stderr
     assert started(harness_cli.results) == Counter({keys[0]: 2, keys[1]: 1, keys[2]: 1})
     assert all(f"skip run {k}" in again.stderr + again.stdout for k in keys[1:])
+    assert "the 2 rows kept were measured on: cpu:" in again.stderr + again.stdout
     assert [s for s, _, _ in listing(harness_cli(*grid_args, "dry_run=true").stdout)] == ["failed", "ok", "ok"]
 
 

@@ -95,11 +95,16 @@ class HarnessSweeper(BasicSweeper):
             return []
         for state in states:
             if state.done:
-                log.info("skip run %s (%s): it already has an ok row", state.run_key, " ".join(state.overrides))
+                log.info("skip run %s (%s): it already has an ok row, measured on %s", state.run_key,
+                         " ".join(state.overrides), state.device)
         todo = [s.overrides for s in states if not s.done]
         todo_keys = [s.run_key for s in states if not s.done]
         log.info("sweep %s: %d jobs, %d already done, %d to run", sweep_name, len(states),
                  len(states) - len(todo), len(todo))
+        kept_from = sorted({str(s.device) for s in states if s.done})
+        if kept_from:  # the launcher may run jobs elsewhere (a cluster), so this process cannot judge a mismatch
+            log.info("the %d rows kept were measured on: %s (their speed and memory belong there; to measure "
+                     "elsewhere, use another sweep_name)", len(states) - len(todo), ", ".join(kept_from))
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
