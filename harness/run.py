@@ -237,18 +237,18 @@ def describe(cfg: DictConfig) -> str:
 
 
 def warn_if_measured_elsewhere(existing: dict[str, Any], device_name: str) -> None:
-    """The run_key leaves the device out (a config scores the same, to float noise, anywhere), so a sweep resumed on other hardware
-    keeps rows whose speed and memory were measured elsewhere: say so, rather than mix devices silently."""
+    """The run_key leaves the device out (a config scores the same, to float noise, anywhere), so a sweep resumed
+    on other hardware keeps rows whose speed and memory were measured elsewhere: say so, rather than mix devices
+    silently."""
     try:
-        here = resolve_device(device_name)
+        here = describe_device(resolve_device(device_name))
     except ConfigError:
         return
     measured_on = existing.get("device") or ""
-    if measured_on and device_kind(measured_on) != device_kind(describe_device(here)):
+    if measured_on and device_kind(measured_on) != device_kind(here):
         log.warning("run %s is kept as it is: its ok row was measured on %s, but this sitting runs on %s, so its "
                     "throughput and memory columns describe %s. To measure on this device, run with another "
-                    "sweep_name (or results_dir).", existing["run_key"], measured_on, describe_device(here),
-                    measured_on)
+                    "sweep_name (or results_dir).", existing["run_key"], measured_on, here, measured_on)
 
 
 def device_kind(description: str) -> str:

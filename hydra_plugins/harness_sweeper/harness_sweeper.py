@@ -95,8 +95,7 @@ class HarnessSweeper(BasicSweeper):
             return []
         for state in states:
             if state.done:
-                log.info("skip run %s (%s): it already has an ok row, measured on %s", state.run_key,
-                         " ".join(state.overrides), state.device)
+                log.info("skip run %s (%s): it already has an ok row", state.run_key, " ".join(state.overrides))
         todo = [s.overrides for s in states if not s.done]
         todo_keys = [s.run_key for s in states if not s.done]
         log.info("sweep %s: %d jobs, %d already done, %d to run", sweep_name, len(states),
