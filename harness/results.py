@@ -50,7 +50,8 @@ SCHEMA = pa.schema(
     + [("last_metrics_json", _S), ("rank_scores_json", _S)]  # DyLoRA: {rank: primary metric} at the last eval
     # speed
     + [("steps", _I), ("train_seconds", _F), ("train_samples_per_s", _F), ("train_tokens_per_s", _F),
-       ("eval_seconds", _F), ("eval_samples_per_s", _F)]
+       ("eval_seconds", _F), ("eval_samples_per_s", _F), ("train_padding_ratio", _F), ("eval_padding_ratio", _F),
+       ("wall_seconds", _F), ("setup_seconds", _F)]
     # memory
     + [("cuda_peak_allocated_bytes", _I), ("cuda_peak_reserved_bytes", _I), ("cpu_peak_rss_bytes", _I),
        ("param_bytes", _I), ("grad_bytes", _I), ("optimizer_state_bytes", _I), ("saved_activation_bytes", _I),
@@ -69,7 +70,7 @@ NON_SEMANTIC_TRAIN = {"num_workers", "log_every_steps", "eval_batch_size"}
 
 # Train keys added after rows were published, with the value that keeps the old behaviour: at that value a key
 # stays out of the hash, so adding it leaves every existing row's run_key (and so resuming its sweep) intact.
-ADDED_TRAIN_KEYS = {"head_lr": None}
+ADDED_TRAIN_KEYS = {"head_lr": None, "group_by_length": False}
 
 
 def semantic_config(cfg: DictConfig) -> dict[str, Any]:

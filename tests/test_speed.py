@@ -1,0 +1,130 @@
+"""Compute not spent on padding: length-grouped training batches, evaluation in length order, the padding and
+time columns of the row, and train.precision=auto."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harness import adapters, models, results, tasks
+from harness.run import run
+from harness.train import LengthGroupedBatches, bf16_supported, concrete_precision, predict, sequence_lengths
+
+
+def skewed_lengths(n: int = 1000, seed: int = 0) -> np.ndarray:
+    """Lengths like SST-2's: mostly short, a long tail."""
+    return np.clip(np.random.default_rng(seed).lognormal(2.5, 0.6, size=n).astype(int), 2, 128)
+
+
+def padding_of(batches, lengths) -> float:
+    padded = sum(len(b) * lengths[b].max() for b in map(np.asarray, batches))
+    return padded / lengths.sum()
+
+
+def test_length_grouped_batches_cover_every_example_once_per_epoch_in_full_batches():
+    lengths = skewed_lengths(1000)
+    sampler = LengthGroupedBatches(lengths, 32, torch.Generator().manual_seed(0))
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 32  # ceil(1000 / 32)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert sorted(len(b) for b in batches)[1:] == [32] * 31  # one partial batch: 1000 = 31 * 32 + 8
+    assert min(len(b) for b in batches) == 8
+
+
+def test_length_grouped_batches_cut_padding_and_keep_a_random_batch_order():
+    lengths = skewed_lengths(3200)
+    grouped = list(LengthGroupedBatches(lengths, 32, torch.Generator().manual_seed(0)))
+    shuffled = np.random.default_rng(0).permutation(3200).reshape(100, 32)
+    assert padding_of(grouped, lengths) < 1.15 < 1.5 < padding_of(shuffled, lengths)
+    longest = [lengths[b].max() for b in map(np.asarray, grouped)]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)  # batch order is shuffled
+
+
+def test_length_grouped_batches_are_fixed_by_the_seed_and_differ_between_epochs():
+    lengths = skewed_lengths(500)
+    first = LengthGroupedBatches(lengths, 16, torch.Generator().manual_seed(3))
+    second = LengthGroupedBatches(lengths, 16, torch.Generator().manual_seed(3))
+    epoch_1, epoch_2 = list(first), list(first)
+    assert epoch_1 == list(second) and epoch_2 == list(second)
+    assert epoch_1 != epoch_2
+    assert list(LengthGroupedBatches(lengths, 16, torch.Generator().manual_seed(4))) != epoch_1
+
+
+def build_for_prediction(cfg):
+    task = tasks.get(cfg.task, cfg.data)
+    torch.manual_seed(0)
+    loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir)
+    variant = adapters.build(cfg.variant)
+    variant.prepare(loaded.model, loaded.head)
+    for _, layer in adapters.adapter_layers(loaded.model):
+        torch.nn.init.normal_(layer.lora_B)  # an adapter that changes the outputs
+    _, evals = task.datasets(loaded.tokenizer, cfg.seed)
+    return loaded, task, evals["validation"]
+
+
+@pytest.mark.parametrize("task_name", ["rte", "stsb"])
+def test_evaluation_in_length_order_gives_the_outputs_of_dataset_order(make_cfg, task_name):
+    cfg = make_cfg(f"task={task_name}", "train.eval_batch_size=7")
+    loaded, task, dataset = build_for_prediction(cfg)
+    collate = task.collate(loaded.tokenizer)
+    cpu = torch.device("cpu")
+    ordered = predict(loaded.model, task, dataset, collate, cfg.train, cpu, None, in_length_order=True)
+    plain = predict(loaded.model, task, dataset, collate, cfg.train, cpu, None, in_length_order=False)
+    np.testing.assert_array_equal(ordered.outputs["idx"], np.asarray(dataset["idx"]))
+    np.testing.assert_array_equal(ordered.outputs["idx"], plain.outputs["idx"])
+    np.testing.assert_array_equal(ordered.outputs["label"], plain.outputs["label"])
+    if task_name == "stsb":
+        np.testing.assert_allclose(ordered.outputs["prediction"], plain.outputs["prediction"], rtol=1e-5, atol=1e-5)
+        assert not np.allclose(plain.outputs["prediction"], plain.outputs["prediction"][0])  # not a constant
+    else:
+        np.testing.assert_array_equal(ordered.outputs["prediction"], plain.outputs["prediction"])
+    metrics = [task.score("validation", dataset, p.outputs)[0] for p in (ordered, plain)]
+    assert metrics[0] == pytest.approx(metrics[1], abs=1e-5)  # float sums in another batch shape
+    assert ordered.tokens == plain.tokens == int(sequence_lengths(dataset).sum())
+    assert ordered.padded_tokens < plain.padded_tokens
+
+
+def test_group_by_length_trains_with_accumulation_and_records_less_padding(make_cfg):
+    plain = run(make_cfg("task=sst2", "train.max_steps=6", "train.batch_size=4", "train.grad_accum=2"))
+    grouped = run(make_cfg("task=sst2", "train.max_steps=6", "train.batch_size=4", "train.grad_accum=2",
+                           "train.group_by_length=true"))
+    assert plain["status"] == grouped["status"] == "ok", (plain["error"], grouped["error"])
+    assert grouped["steps"] == plain["steps"] == 6
+    assert 1.0 <= grouped["train_padding_ratio"] < plain["train_padding_ratio"]
+    assert 1.0 <= grouped["eval_padding_ratio"] == plain["eval_padding_ratio"]  # evaluation is the same either way
+    assert grouped["run_key"] != plain["run_key"]
+
+
+def test_group_by_length_off_keeps_the_run_key_of_configs_without_it(make_cfg):
+    from omegaconf import open_dict
+
+    cfg = make_cfg()
+    without = make_cfg()
+    with_off = results.semantic_config(cfg)
+    with open_dict(without):
+        del without.train["group_by_length"]
+    assert with_off == results.semantic_config(without)
+    assert results.run_key(cfg) == results.run_key(without)
+
+
+def test_group_by_length_must_be_a_boolean(make_cfg):
+    row = run(make_cfg("train.group_by_length=sometimes"))
+    assert row["status"] == "failed" and "train.group_by_length" in row["error"]
+
+
+def test_the_row_accounts_for_time_outside_training(make_cfg):
+    row = run(make_cfg("train.max_steps=3"))
+    assert row["status"] == "ok", row["error"]
+    assert 0 < row["setup_seconds"] < row["wall_seconds"]
+    assert row["setup_seconds"] + row["train_seconds"] + row["eval_seconds"] <= row["wall_seconds"]
+
+
+def test_auto_precision_is_bf16_exactly_where_the_device_computes_it_natively(make_cfg):
+    cpu = torch.device("cpu")
+    assert concrete_precision("auto", cpu) == ("bf16" if bf16_supported(cpu) else "fp32")
+    assert concrete_precision("fp32", cpu) == "fp32"
+    row = run(make_cfg("train.precision=auto"))
+    assert row["status"] == "ok", row["error"]
+    assert row["precision"] == concrete_precision("auto", cpu)  # the row says what was computed
+    assert '"precision": "auto"' in row["config_json"]  # and the config what was asked
