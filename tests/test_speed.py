@@ -128,3 +128,48 @@ def test_auto_precision_is_bf16_exactly_where_the_device_computes_it_natively(ma
     assert row["status"] == "ok", row["error"]
     assert row["precision"] == concrete_precision("auto", cpu)  # the row says what was computed
     assert '"precision": "auto"' in row["config_json"]  # and the config what was asked
+
+
+def tokenize_counting(task, tokenizer, raw, calls_file):
+    """Tokenize through the task's cache, noting in `calls_file` each time the tokenizer really runs."""
+    import time
+
+    def encode(rows):
+        with open(calls_file, "a") as handle:
+            handle.write("x")
+        time.sleep(1.0)  # long enough that the other process asks while this one is still tokenizing
+        return task.encode(tokenizer, rows)
+
+    task.cached(tokenizer, "train", raw, encode)
+
+
+def test_parallel_jobs_tokenize_a_split_once(make_cfg, tmp_path):
+    import multiprocessing
+
+    cfg = make_cfg(f"data.cache_dir={tmp_path / 'cache'}")
+    task = tasks.get(cfg.task, cfg.data)
+    tokenizer = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir).tokenizer
+    raw, _ = task.train_and_eval_raw()
+    calls = tmp_path / "calls"
+    context = multiprocessing.get_context("fork")
+    jobs = [context.Process(target=tokenize_counting, args=(task, tokenizer, raw, calls)) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(60)
+    assert [job.exitcode for job in jobs] == [0, 0]
+    assert calls.read_text() == "x"  # one tokenization; the other job waited and read it from the cache
+
+
+def test_evaluation_batches_run_longest_first_with_little_padding():
+    from harness.train import EVAL_BATCH_LENGTH_SPREAD, longest_first
+
+    lengths = skewed_lengths(900, seed=1)
+    dataset = [{"input_ids": [0] * n} for n in lengths]
+    batches = longest_first(dataset, 128)
+    assert sorted(i for b in batches for i in b) == list(range(900))
+    assert all(len(b) <= 128 for b in batches)
+    firsts = [lengths[b[0]] for b in batches]
+    assert firsts == sorted(firsts, reverse=True) and firsts[0] == lengths.max()
+    assert all(lengths[b].min() >= EVAL_BATCH_LENGTH_SPREAD * lengths[b[0]] for b in batches)
+    assert padding_of(batches, lengths) < 1.10

@@ -23,10 +23,13 @@ PEFT_FOLDER = "peft_adapter"  # beside the run's adapter.safetensors
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + s (x A^T) B^T computed as x (W + s B A)^T + b, with its backward written out.
 
-    Training through the merged weight W + sBA (rebuilt in each direction: out x in x r work, not kept)
-    turns the adapter's two rank-r GEMMs over the (tokens x features) activations in each direction into
-    none; what remains of the adapter is what its gradients need: u = s x A^T (forward), and dL/d(Ax),
-    dL/dA, dL/dB (backward). Same math as the composed ops, different float rounding order.
+    Training through the merged weight W + sBA trades GEMMs over the activations for work on the weight. Of the
+    adapter's rank-r GEMMs over the (tokens x features) activations it removes one of the two in forward (u B^T;
+    u = s x A^T stays, its gradients need it) and one of the four in backward (dL/dx through B then A; dL/dA and
+    dL/dB stay), at the price of rebuilding W + sBA in each direction: 2 x out x in x r multiply-adds per step
+    whatever the batch. It pays only for batches of many tokens, so `LoRALinear` takes this path from
+    `merged_path_min_tokens` on (measured: benchmarks/adapter_step.py --crossover). Same math as the composed
+    ops, different float rounding order.
 
     Keeps what autograd would keep: x (only when A is trained: LoRA-FA keeps nothing of it) and the rank-r u;
     the frozen W, A and B are parameters, not activations. Under autocast the GEMMs run in the autocast dtype
@@ -63,6 +66,10 @@ class LoRALinear(AdapterLinear):
     """The loralib/peft layer: A kaiming-uniform, B zeros, so the model is unchanged at initialisation."""
 
     prefix = "lora_"
+    # Tokens per batch (batch x padded length) from which training through the merged weight
+    # (`LoRALinearFunction`) beats the composed ops: below it, rebuilding W + sBA costs more than the rank-r GEMMs
+    # it saves. Measured with benchmarks/adapter_step.py --crossover (numbers in benchmarks/README.md).
+    merged_path_min_tokens: int = 2048
 
     def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
         super().__init__(base)
@@ -95,10 +102,14 @@ class LoRALinear(AdapterLinear):
         return (type(base) is nn.Linear and not base.weight.requires_grad and base.weight.dtype == self.lora_A.dtype
                 and (isinstance(self.lora_dropout, nn.Identity) or not self.training))
 
+    def merged_path_pays(self, x: torch.Tensor) -> bool:
+        """Whether this batch has enough tokens for the merged-weight path to be the faster one."""
+        return x.numel() // x.shape[-1] >= self.merged_path_min_tokens
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if self.fused():
+        if self.fused() and self.merged_path_pays(x):
             lora_A, lora_B, scaling = self.factors()
             return LoRALinearFunction.apply(x, self.base.weight, self.base.bias, lora_A, lora_B, scaling)
         tokens = x.reshape(-1, x.shape[-1])
