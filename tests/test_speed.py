@@ -173,3 +173,29 @@ def test_evaluation_batches_run_longest_first_with_little_padding():
     assert firsts == sorted(firsts, reverse=True) and firsts[0] == lengths.max()
     assert all(lengths[b].min() >= EVAL_BATCH_LENGTH_SPREAD * lengths[b[0]] for b in batches)
     assert padding_of(batches, lengths) < 1.10
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_merged_and_composed_adapter_paths_agree_and_the_token_count_picks_one(make_cfg, variant):
+    cfg = make_cfg(f"variant={variant}", "variant.dropout=0.0")
+    torch.manual_seed(0)
+    layer = adapters.build(cfg.variant).make_layer("q", torch.nn.Linear(64, 48).requires_grad_(False))
+    torch.nn.init.normal_(layer.lora_B)
+    threshold = layer.merged_path_min_tokens
+    short = torch.randn(2, 8, 64)
+    long = torch.randn(4, threshold // 4, 64)
+    assert "Function" not in type(layer(short).grad_fn).__name__  # few tokens: the composed ops
+    assert "Function" in type(layer(long).grad_fn).__name__  # from the threshold on: through the merged weight
+    x = torch.randn(3, 50, 64, requires_grad=True)
+    outputs, grads = [], []
+    for min_tokens in (0, 2**62):  # merged, then composed
+        layer.merged_path_min_tokens = min_tokens
+        y = layer(x)
+        y.square().sum().backward()
+        outputs.append(y.detach())
+        grads.append([t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)])
+        for t in (x, layer.lora_A, layer.lora_B):
+            t.grad = None
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for merged, composed in zip(*grads):
+        torch.testing.assert_close(merged, composed, rtol=1e-4, atol=1e-4)
