@@ -210,10 +210,10 @@ def set_merged_path(model: torch.nn.Module, min_tokens: int) -> None:
 def crossover(model_name: str, variants: list[str], reps: int, batch_size: int) -> None:
     """LoRA-family step time through the merged weight against the composed ops, at each tokens-per-batch count,
     and whether the path the layer picks by itself (its `merged_path_min_tokens`) is the faster one."""
-    from harness.adapters.lora import LoRALinear
-
-    threshold = LoRALinear.merged_path_min_tokens
     base, head = load_base(model_name)
+    probe = Subject(base, head, "lora", "ours", model_name)
+    threshold = next(m.merged_path_min_tokens for m in probe.model.modules() if hasattr(m, "merged_path_min_tokens"))
+    del probe
     print(f"\n## {model_name}: merged-weight vs composed path, batch {batch_size} x (tokens / {batch_size}), fp32, "
           f"{torch.get_num_threads()} threads, {reps} interleaved reps (median step ms); the layer picks merged from "
           f"{threshold} tokens")

@@ -167,7 +167,9 @@ def read_rows(*dirs: str | Path) -> pd.DataFrame:
         files += sorted(folder.glob("runs/*.parquet")) + sorted(folder.glob("*/runs/*.parquet"))
     if not files:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+    # Rows written before a column was added lack it: they read as null there (promote), not as an error.
+    frame = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default").to_pandas()
+    return frame.reindex(columns=[*COLUMNS, *(c for c in frame.columns if c not in COLUMNS)])
 
 
 # ---- provenance ---------------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def test_merged_and_composed_adapter_paths_agree_and_the_token_count_picks_one(m
     torch.nn.init.normal_(layer.lora_B)
     threshold = layer.merged_path_min_tokens
     short = torch.randn(2, 8, 64)
-    long = torch.randn(4, threshold // 4, 64)
+    long = torch.randn(1, threshold, 64)
     assert "Function" not in type(layer(short).grad_fn).__name__  # few tokens: the composed ops
     assert "Function" in type(layer(long).grad_fn).__name__  # from the threshold on: through the merged weight
     x = torch.randn(3, 50, 64, requires_grad=True)
@@ -199,3 +199,17 @@ def test_merged_and_composed_adapter_paths_agree_and_the_token_count_picks_one(m
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
     for merged, composed in zip(*grads):
         torch.testing.assert_close(merged, composed, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_from_before_the_padding_and_time_columns_read_beside_new_ones(tmp_path):
+    import pyarrow as pa
+
+    new_columns = ["train_padding_ratio", "eval_padding_ratio", "wall_seconds", "setup_seconds"]
+    old_schema = pa.schema([f for f in results.SCHEMA if f.name not in new_columns])
+    old = {"run_key": "old", "status": "ok", "score_best": 0.5}
+    results.atomic_write_parquet(results.make_row(old).drop(columns=new_columns),
+                                 results.row_path(tmp_path, "s", "old"), old_schema)
+    results.write_row(tmp_path, "s", {"run_key": "new", "status": "ok", "score_best": 0.6, "wall_seconds": 9.0})
+    rows = results.read_rows(tmp_path / "s").set_index("run_key")
+    assert list(rows.reset_index().columns) == results.COLUMNS
+    assert rows.loc["new", "wall_seconds"] == 9.0 and np.isnan(rows.loc["old", "wall_seconds"])

@@ -27,9 +27,9 @@ class LoRALinearFunction(torch.autograd.Function):
     adapter's rank-r GEMMs over the (tokens x features) activations it removes one of the two in forward (u B^T;
     u = s x A^T stays, its gradients need it) and one of the four in backward (dL/dx through B then A; dL/dA and
     dL/dB stay), at the price of rebuilding W + sBA in each direction: 2 x out x in x r multiply-adds per step
-    whatever the batch. It pays only for batches of many tokens, so `LoRALinear` takes this path from
-    `merged_path_min_tokens` on (measured: benchmarks/adapter_step.py --crossover). Same math as the composed
-    ops, different float rounding order.
+    whatever the batch. It pays only for batches of many tokens, so `LoRALinear` takes this path from its
+    `merged_path_min_tokens` on (4,096 for MiniLM's layers; measured: benchmarks/adapter_step.py --crossover).
+    Same math as the composed ops, different float rounding order.
 
     Keeps what autograd would keep: x (only when A is trained: LoRA-FA keeps nothing of it) and the rank-r u;
     the frozen W, A and B are parameters, not activations. Under autocast the GEMMs run in the autocast dtype
@@ -66,15 +66,20 @@ class LoRALinear(AdapterLinear):
     """The loralib/peft layer: A kaiming-uniform, B zeros, so the model is unchanged at initialisation."""
 
     prefix = "lora_"
-    # Tokens per batch (batch x padded length) from which training through the merged weight
-    # (`LoRALinearFunction`) beats the composed ops: below it, rebuilding W + sBA costs more than the rank-r GEMMs
-    # it saves. Measured with benchmarks/adapter_step.py --crossover (numbers in benchmarks/README.md).
-    merged_path_min_tokens: int = 2048
+    # Training through the merged weight (`LoRALinearFunction`) pays from merged_path_min_tokens tokens per batch
+    # (batch x padded length): rebuilding W + sBA costs out x in x r per direction, whatever the batch, while the
+    # rank-r GEMMs it saves cost tokens x r x (in + out)-ish, so the crossover grows as in x out / (in + out).
+    # This factor on that width is measured: benchmarks/adapter_step.py --crossover put MiniLM's 384 x 384 layers
+    # (width 192) at 4,096 tokens (merged/composed 1.12 at 2,048, 0.99 at 4,096): 4096 / 192. roberta-base's
+    # 768 x 768 (width 384) then crosses at 8,192 (scaled, not measured).
+    MERGED_PATH_TOKENS_PER_WIDTH = 4096 / 192
 
     def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
         super().__init__(base)
         self.r = r
         self.scaling = scaling
+        width = base.in_features * base.out_features / (base.in_features + base.out_features)
+        self.merged_path_min_tokens = round(self.MERGED_PATH_TOKENS_PER_WIDTH * width)
         # Adapter weights stay fp32 whatever the base holds (bf16, NF4): QLoRA's "adapter in full precision".
         factory = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
