@@ -55,7 +55,7 @@ EOF
 run() {
   step "the packages the machine must already have"
   $PY - <<'EOF'
-import importlib
+import importlib.util
 missing = [m for m in ("torch", "transformers", "peft", "pandas", "pyarrow", "sklearn", "scipy", "matplotlib")
            if importlib.util.find_spec(m) is None]
 if missing:

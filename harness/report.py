@@ -815,6 +815,8 @@ def results_csv(table: PaperTable) -> pd.DataFrame:
 # ---- efficiency --------------------------------------------------------------------------------------
 EFFICIENCY_BYTES = ("peak_memory_bytes", "param_bytes", "grad_bytes", "optimizer_state_bytes",
                     "saved_activation_bytes", "account_bytes", "adapter_bytes")
+# Whole-run seconds (rows written before these columns have none: the table then leaves them out)
+EFFICIENCY_TIMES = {"wall_seconds": "Wall s", "setup_seconds": "Setup s"}
 
 
 def efficiency_frame(rows: pd.DataFrame, task: str | None = None) -> pd.DataFrame:
@@ -837,7 +839,8 @@ def efficiency_frame(rows: pd.DataFrame, task: str | None = None) -> pd.DataFram
         peak_memory_kind=np.where(ok.cuda_peak_allocated_bytes.notna(), "CUDA allocated", "CPU RSS"),
         account_bytes=ok[["param_bytes", "grad_bytes", "optimizer_state_bytes", "saved_activation_bytes"]]
         .sum(axis=1, min_count=4))
-    measures = ["train_samples_per_s", "train_tokens_per_s", "eval_samples_per_s", *EFFICIENCY_BYTES]
+    measures = ["train_samples_per_s", "train_tokens_per_s", "eval_samples_per_s", *EFFICIENCY_BYTES,
+                *(c for c in EFFICIENCY_TIMES if c in ok and ok[c].notna().any())]
     common = set.intersection(*ok.groupby("group").task.agg(set))
     used = ok[ok.task.isin(common)] if common else ok  # no task in common: each row over its own tasks
     per_task = used.groupby(["group", "task"], sort=False)[measures].median().reset_index()
@@ -862,6 +865,8 @@ def efficiency_grid(frame: pd.DataFrame, task: str | None = None) -> Grid:
     header = row_label_header(frame) + [Cell("Runs"), Cell("Train samples/s"), Cell("Train tokens/s"),
                                         Cell("Eval samples/s")]
     header += [Cell(f"{titles[name]} [{units[name][0]}]") for name in EFFICIENCY_BYTES]
+    times = [name for name in EFFICIENCY_TIMES if name in frame]
+    header += [Cell(EFFICIENCY_TIMES[name]) for name in times]
     body = []
     for row in frame.itertuples(index=False):
         row = pd.Series(row._asdict())
@@ -870,6 +875,7 @@ def efficiency_grid(frame: pd.DataFrame, task: str | None = None) -> Grid:
                                                            "eval_samples_per_s")]
         line += [Cell(format_sig(row[name] / units[name][1]) if pd.notna(row[name]) else "–")
                  for name in EFFICIENCY_BYTES]
+        line += [Cell(format_sig(row[name]) if pd.notna(row[name]) else "–") for name in times]
         body.append(line)
     devices = sorted(set("/".join(frame.device).split("/")) - {""})
     used = sorted(set(",".join(frame.tasks).split(",")) - {""}, key=task_position)

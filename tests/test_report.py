@@ -337,3 +337,13 @@ def test_notebook_runs_headless(results_dir, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert any("Full FT" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+
+
+def test_efficiency_table_shows_wall_and_setup_seconds_where_rows_have_them(results_dir):
+    rows = report.load(results_dir)
+    assert rows.wall_seconds.notna().all()  # written by this checkout's runs
+    header = [cell.text for cell in report.efficiency_grid(report.efficiency_frame(rows)).header]
+    assert "Wall s" in header and "Setup s" in header
+    old = rows.assign(wall_seconds=np.nan, setup_seconds=np.nan)  # rows from before the columns existed
+    header = [cell.text for cell in report.efficiency_grid(report.efficiency_frame(old)).header]
+    assert "Wall s" not in header
