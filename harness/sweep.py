@@ -503,7 +503,11 @@ GONE = "GONE"  # the scheduler answered but no longer lists the job (it ended; w
 
 
 def slurm_job_id() -> str | None:
-    """This process's SLURM job id (an array task's own id, which `scontrol` takes), or None outside SLURM."""
+    """This process's SLURM job id, `<array>_<task>` for an array task, or None outside SLURM. (An array task's
+    SLURM_JOB_ID alone can equal the array's id, and `scontrol requeue <array id>` requeues every task.)"""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
     return os.environ.get("SLURM_JOB_ID") or None
 
 
@@ -551,9 +555,9 @@ def requeue_interrupted_slurm_job() -> tuple[bool, str]:
         return True, f"SLURM job {job_id} is being requeued by SLURM (preempted)"
     if state != "RUNNING":
         reason = fields.get("Reason", "None")
-        why = ("its time limit (" + fields.get("TimeLimit", "?") + ")" if reason == "TimeLimit"
-               else f"it is ending ({state}, reason {reason}: cancelled?)")
-        return False, f"SLURM job {job_id} is not requeued: SLURM stopped it at {why}"
+        why = ("SLURM stopped it at its time limit (" + fields.get("TimeLimit", "?") + ")" if reason == "TimeLimit"
+               else f"SLURM is ending it ({state}, reason {reason}: cancelled, e.g. scancel)")
+        return False, f"SLURM job {job_id} is not requeued: {why}"
     done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         return False, f"SLURM job {job_id} could not be requeued: {(done.stderr or done.stdout).strip()}"

@@ -214,6 +214,14 @@ class HarnessSweeper(BasicSweeper):
 
         launcher = self.launcher
         params = dict(launcher.params)
+        limit_s = 60 * int(params.get("timeout_min") or 0)
+        if limit_s and int(params.get("signal_delay_s") or 0) + 60 >= limit_s // 2:
+            # submitit's SIGUSR2 warns signal_delay_s before the limit (SLURM may send it up to 60 s earlier still).
+            # A run ignores it (it cannot checkpoint), but one that arrives while the job is starting kills it.
+            log.warning("hydra.launcher.signal_delay_s=%s (+ up to 60 s SLURM may add) reaches into the first half of "
+                        "the time limit (timeout_min=%s): submitit's SIGUSR2 could kill jobs as they start; sending it "
+                        "1 s before the limit instead", params.get("signal_delay_s"), params.get("timeout_min"))
+            params["signal_delay_s"] = 1
         executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
                                          slurm_max_num_timeout=params.pop("max_num_timeout", 0))
         base = set(OmegaConf.structured(BaseQueueConf).keys())
