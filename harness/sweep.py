@@ -15,6 +15,9 @@ that it can be read and tested without Hydra's plugin machinery:
 * `configure_resources`: torch threads per job (jobs x threads <= cores) and, with several local jobs
   on a multi-GPU machine, one GPU per job through CUDA_VISIBLE_DEVICES, set before CUDA is initialised.
 * `SweepSummary` / `log_summary`: at the end, the runs of this sitting that did not end `ok`.
+* SLURM (docs/slurm.md): `requeue_interrupted_slurm_job`, what a run's job does after SLURM's SIGTERM (requeue
+  itself when preempted, fail when at its time limit or cancelled); `await_cluster_jobs`, the sweep's bounded wait
+  for its array, which names the jobs that ended without a result or whose state could not be learned.
 """
 
 from __future__ import annotations
@@ -523,7 +526,8 @@ def slurm_job_fields(job_id: str) -> dict[str, str]:
 
 def in_submitit_slurm_job() -> bool:
     """Whether this process is a SLURM job that submitit started (a sweep's job, not a user's own sbatch)."""
-    return slurm_job_id() is not None and "SUBMITIT_FOLDER" in os.environ and not in_sweep_process()
+    return (os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and slurm_job_id() is not None
+            and not in_sweep_process())  # submitit_local inside a SLURM allocation is not one
 
 
 def prepare_slurm_job() -> None:

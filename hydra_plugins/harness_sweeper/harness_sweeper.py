@@ -183,6 +183,8 @@ class HarnessSweeper(BasicSweeper):
             for overrides, ret in zip(batch, results):
                 if ret is None:  # a SLURM job that left no result: named in self.lost
                     failures += 1
+                    if self.config.get("fail_fast"):
+                        raise RunFailed(": ".join(self.lost[-1]))
                     continue
                 if ret.status != JobStatus.FAILED:
                     continue
