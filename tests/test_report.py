@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from harness import report
+from harness.report.__main__ import main
 from harness.metrics import glue_metrics
 from harness.run import run
 
@@ -267,14 +268,14 @@ def test_resampled_metrics_equal_harness_metrics_on_each_resample():
 # ---- outputs, --check, errors ------------------------------------------------------------------------
 def test_check_passes_on_fresh_output_and_fails_after_an_edit(results_dir, written, capsys):
     args = [str(results_dir), "--out", str(written), "--resamples", "200"]
-    assert report.main([*args, "--check"]) == 0
+    assert main([*args, "--check"]) == 0
     table = written / "table.md"
     table.write_text(table.read_text().replace("Full FT", "Full fine-tuning", 1))
-    assert report.main([*args, "--check"]) == 1
+    assert main([*args, "--check"]) == 1
     out = capsys.readouterr().out
     assert "table.md differs" in out and "-| Full fine-tuning" in out and "+| Full FT" in out
     (written / "table.md").unlink()
-    assert report.main([*args, "--check"]) == 1
+    assert main([*args, "--check"]) == 1
     assert "table.md missing" in capsys.readouterr().out
 
 
@@ -295,7 +296,7 @@ def test_outputs_and_plots_are_written(results_dir, tmp_path):
 def test_empty_results_folder_says_how_to_fix_it(tmp_path, capsys):
     with pytest.raises(report.ReportError, match=r"no results rows under .*python -m harness \+sweep=smoke"):
         report.load(tmp_path)
-    assert report.main([str(tmp_path / "missing")]) == 2
+    assert main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(report.ReportError, match="--out"):
         report.write_report([tmp_path, tmp_path])
