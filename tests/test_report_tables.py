@@ -1,0 +1,61 @@
+"""The report's numbers: cells are the rows' medians, efficiency compares rows on shared tasks, parameter
+counts match the papers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from harness import report
+
+# the report_rows_dir fixture (tests/conftest.py): 4 settings (LoRA r=4 and r=8, full, head), 2 tasks, 2 seeds
+SETTINGS, TASKS, SEEDS = 4, ("rte", "stsb"), 2
+
+
+def raw_rows(folder: Path) -> pd.DataFrame:
+    """The rows read straight from the Parquet files, independently of harness.results and the report."""
+    return pd.DataFrame([pq.read_table(p).to_pylist()[0] for p in sorted((folder / "runs").glob("*.parquet"))])
+
+
+def test_cells_are_medians_and_stds_of_the_rows(report_rows_dir):
+    raw = raw_rows(report_rows_dir)
+    ok = raw[raw.status == "ok"]
+    table = report.paper_table(report.load(report_rows_dir), resamples=100)
+    metric = {"rte": "metric_accuracy", "stsb": "metric_pearson"}
+    label = {"rte": "RTE", "stsb": "STS-B"}
+    assert len(table.groups) == SETTINGS
+    for (variant, rank, task), part in ok.groupby(["variant", ok["rank"].fillna(-1), "task"]):
+        values = 100 * part[metric[task]].to_numpy(float)
+        group = report.group_key(part.model.iloc[0], variant, None if rank == -1 else rank, "ours")
+        cell = table.cell(group, label[task])
+        assert cell.n_seeds == SEEDS
+        assert cell["median"] == pytest.approx(np.median(values), abs=1e-7)
+        assert cell["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-7)
+    for group in table.groups.group:
+        average = table.cell(group, "Avg.")["median"]
+        assert average == pytest.approx(np.mean([table.cell(group, label[t])["median"] for t in TASKS]))
+
+
+def test_efficiency_compares_rows_on_the_tasks_they_share(report_rows_dir):
+    """Speed differs by task: a row measured on fewer slow tasks must not look faster for it."""
+    rows = report.load(report_rows_dir)
+    rows = rows.assign(train_samples_per_s=np.where(rows.task == "rte", 100.0, 10.0))
+    lora4 = (rows.variant == "lora") & (rows["rank"] == 4)
+    frame = report.efficiency_frame(rows[~(lora4 & (rows.task == "stsb"))]).set_index("group")
+    assert (frame.train_samples_per_s == 100.0).all() and set(frame.tasks) == {"rte"}
+    assert report.efficiency_frame(rows).train_samples_per_s.eq(55.0).all()  # every row has both: the median
+
+
+def test_param_counts_are_computed_and_match_the_lora_paper():
+    frame = report.param_count_frame(["lora"]).set_index("model")
+    assert frame.loc["roberta_base", "ours"] == 294_912  # LoRA paper: 0.3M (r=8 on W_q, W_v)
+    assert frame.loc["roberta_large", "ours"] == 786_432  # 0.8M
+    assert frame.loc["roberta_base", "published"] == "0.3M"
+    assert 0.95 < frame.loc["roberta_base", "ratio"] < 1.05
+    vera = report.param_count_frame(["vera"]).set_index("model")
+    assert vera.loc["roberta_base", "ours"] == 43_008 and vera.loc["roberta_base", "published"] == "0.043M"
+    assert vera.loc["roberta_large", "ours"] == 61_440 and vera.loc["roberta_large", "published"] == "0.061M"
