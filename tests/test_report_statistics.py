@@ -70,19 +70,3 @@ def test_bootstrap_regression_and_squad():
     test = report.paired_bootstrap({"strong": [strong], "weak": [weak]}, "f1", resamples=300)
     assert test.loc["strong", "observed"] == pytest.approx(strong.f1.mean())
     assert not bool(test.loc["weak", "tied"])
-
-
-def test_resampled_metrics_equal_harness_metrics_on_each_resample():
-    rng = np.random.default_rng(5)
-    n = 60
-    cases = {"accuracy": (rng.integers(0, 3, n), rng.integers(0, 3, n)), "mcc": (rng.integers(0, 3, n),
-             rng.integers(0, 3, n)), "f1": (rng.integers(0, 2, n), rng.integers(0, 2, n)),
-             "pearson": (rng.normal(size=n), rng.normal(size=n)),
-             "spearman": (rng.integers(0, 5, n).astype(float), rng.normal(size=n).round(1))}
-    draws = rng.integers(0, n, size=(25, n))
-    weights = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(float)
-    for metric, (prediction, label) in cases.items():
-        arrays = {"prediction": prediction, "label": label}
-        fast = report.resampled_metric(metric, weights, draws, arrays)
-        slow = [glue_metrics([metric], prediction[d], label[d])[metric] for d in draws]
-        np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-12, err_msg=metric)

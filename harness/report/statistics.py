@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from harness.metrics import glue_metrics
+from harness.metrics import resampled_glue_metric
 from harness.report.rows import ReportError
 
 
@@ -19,79 +19,15 @@ BOOTSTRAP_SCALE = 100.0
 
 
 # ---- the paired bootstrap ----------------------------------------------------------------------------
-def resampled_metric(metric: str, weights: np.ndarray, draws: np.ndarray, arrays: Mapping[str, np.ndarray]
-                     ) -> np.ndarray:
+def resampled_metric(metric: str, weights: np.ndarray, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """`metric` on every resample at once. `weights[b, i]` is how often example i is in resample b.
 
-    MCC, F1, Pearson and Spearman are not means of per-example scores, so they are recomputed from resampled
-    sufficient statistics (confusion counts, moments, ranks) with the formulas scikit-learn and SciPy use;
-    tests check them against harness.metrics. A per-example column named like the metric (SQuAD exact/F1) is
-    averaged, since those metrics are means. Anything else falls back to harness.metrics on each resample
-    (`draws`).
+    A per-example column named like the metric (SQuAD exact/F1) is averaged, since those metrics are means;
+    a GLUE metric is harness.metrics' own, computed on every resample by `resampled_glue_metric`.
     """
-    n = weights.shape[1]
     if metric in arrays:
-        return weights @ arrays[metric].astype(np.float64) / n
-    label, prediction = arrays["label"], arrays["prediction"]
-    if metric == "accuracy":
-        return weights @ (prediction == label).astype(np.float64) / n
-    if metric == "f1":  # binary, positive class 1, 0 when undefined (scikit-learn's zero_division default)
-        tp = weights @ ((prediction == 1) & (label == 1)).astype(np.float64)
-        fp = weights @ ((prediction == 1) & (label != 1)).astype(np.float64)
-        fn = weights @ ((prediction != 1) & (label == 1)).astype(np.float64)
-        denominator = 2 * tp + fp + fn
-        return np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
-    if metric == "mcc":  # scikit-learn's multiclass formula from the confusion marginals
-        classes = np.union1d(label, prediction)
-        t = weights @ (label[:, None] == classes).astype(np.float64)
-        p = weights @ (prediction[:, None] == classes).astype(np.float64)
-        correct = weights @ (prediction == label).astype(np.float64)
-        s = weights.sum(axis=1)
-        cov_tp = correct * s - (t * p).sum(axis=1)
-        cov_pp = s * s - (p * p).sum(axis=1)
-        cov_tt = s * s - (t * t).sum(axis=1)
-        denominator = cov_tt * cov_pp
-        return np.divide(cov_tp, np.sqrt(np.maximum(denominator, 0)), out=np.zeros_like(cov_tp),
-                         where=denominator > 0)
-    if metric == "pearson":
-        return weighted_pearson(weights, prediction.astype(np.float64), label.astype(np.float64))
-    if metric == "spearman":  # Pearson of the resample's average ranks (ties included), as SciPy computes it
-        return weighted_pearson(weights, weighted_ranks(prediction, weights), weighted_ranks(label, weights))
-    return np.array([glue_metrics([metric], prediction[d], label[d])[metric] for d in draws])
-
-
-def weighted_pearson(weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson's r of every resample; x and y are per example (n,) or per resample and example (b, n).
-
-    NaN where a resample is constant, as SciPy returns.
-    """
-    n = weights.shape[1]
-
-    def mean(values: np.ndarray) -> np.ndarray:
-        return weights @ values / n if values.ndim == 1 else (weights * values).sum(axis=1) / n
-
-    x = x - x.mean(axis=-1, keepdims=True)  # centred first: the moments below then lose no precision
-    y = y - y.mean(axis=-1, keepdims=True)
-    mx, my = mean(x), mean(y)
-    vx, vy = mean(x * x) - mx * mx, mean(y * y) - my * my
-    cov = mean(x * y) - mx * my
-    tiny = 1e-12 * max(float((x * x).mean()), float((y * y).mean()), 1e-300)
-    valid = (vx > tiny) & (vy > tiny)
-    r = np.full(len(cov), np.nan)
-    r[valid] = np.clip(cov[valid] / np.sqrt(vx[valid] * vy[valid]), -1.0, 1.0)
-    return r
-
-
-def weighted_ranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(b, n): each example's average rank within resample b, where example i occurs weights[b, i] times."""
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    new_value = np.r_[True, ordered[1:] != ordered[:-1]]
-    counts = np.add.reduceat(weights[:, order], np.flatnonzero(new_value), axis=1)  # per distinct value
-    below = np.cumsum(counts, axis=1) - counts
-    ranks = np.empty(weights.shape)
-    ranks[:, order] = (below + (counts + 1) / 2)[:, np.cumsum(new_value) - 1]
-    return ranks
+        return weights @ arrays[metric].astype(np.float64) / weights.shape[1]
+    return resampled_glue_metric(metric, arrays["prediction"], arrays["label"], weights)
 
 
 def pairing_key(frames: Iterable[pd.DataFrame]) -> list[str]:
@@ -154,13 +90,13 @@ def paired_bootstrap(groups: Mapping[str, Sequence[pd.DataFrame]], metric: str, 
     arrays = [{c: frame[c].to_numpy() for c in columns} for frame in frames]
     owners = np.repeat(np.arange(len(names)), [len(groups[name]) for name in names])
 
-    def scores(weights: np.ndarray, draws: np.ndarray) -> np.ndarray:
-        per_seed = np.stack([resampled_metric(metric, weights, draws, a) for a in arrays])  # (seeds, b)
+    def scores(weights: np.ndarray) -> np.ndarray:
+        per_seed = np.stack([resampled_metric(metric, weights, a) for a in arrays])  # (seeds, b)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: an undefined correlation stays NaN
             return np.stack([np.nanmedian(per_seed[owners == g], axis=0) for g in range(len(names))], axis=1)
 
-    observed = scores(np.ones((1, n)), np.arange(n)[None])[0]
+    observed = scores(np.ones((1, n)))[0]
     if reference is None:
         reference = names[int(np.nanargmax(observed))] if not np.isnan(observed).all() else names[0]
     ref = names.index(reference)
@@ -171,7 +107,7 @@ def paired_bootstrap(groups: Mapping[str, Sequence[pd.DataFrame]], metric: str, 
         b = min(chunk, resamples - start)
         draws = rng.integers(0, n, size=(b, n))
         weights = np.bincount((draws + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n)
-        parts.append(scores(weights.astype(np.float64), draws))
+        parts.append(scores(weights.astype(np.float64)))
     boot = np.concatenate(parts)  # (resamples, groups)
     diff = boot[:, [ref]] - boot
     tail = (1 - level) / 2 * 100
