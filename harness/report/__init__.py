@@ -32,8 +32,8 @@ The modules, in the order a report is made:
 """
 
 from harness.report.build import build, check, default_out, index_page, write_report
-from harness.report.labels import (COLUMN_LABELS, COMPANIONS, EXTRAS, METRIC_LABELS, TASK_LABELS, TASK_ORDER,
-                                   VARIANT_LABELS, VARIANT_ORDER, column_label, task_position, variant_label)
+from harness.report.labels import (COLUMN_LABELS, COMPANIONS, EXTRAS, METRIC_LABELS, TASK_ORDER, VARIANT_ORDER,
+                                   column_label, config_labels, task_label, task_position, variant_label)
 from harness.report.plots import (pareto_front, planned_plots, plot_efficiency, plot_rank_curve, plot_score_vs_params,
                                   plot_score_vs_rank, plot_training_curves, save_figure)
 from harness.report.render import (Cell, Grid, csv_text, efficiency_grid, fixed, format_count, format_sig, latex,
@@ -46,12 +46,12 @@ from harness.report.tables import (PUBLISHED, Column, PaperTable, Published, eff
 
 __all__ = [
     "COLUMN_LABELS", "COMPANIONS", "EXTRAS", "LEVEL", "METRIC_LABELS", "PUBLISHED", "RESAMPLES", "SEED",
-    "TASK_LABELS", "TASK_ORDER", "VARIANT_LABELS", "VARIANT_ORDER", "Cell", "Column", "Grid", "PaperTable",
-    "Published", "ReportError", "build", "check", "column_label", "csv_text", "default_out", "efficiency_frame",
+    "TASK_ORDER", "VARIANT_ORDER", "Cell", "Column", "Grid", "PaperTable",
+    "Published", "ReportError", "build", "check", "column_label", "config_labels", "csv_text", "default_out", "efficiency_frame",
     "efficiency_grid", "failures", "fixed", "format_count", "format_sig", "group_key", "histories", "index_page",
     "latex", "load", "markdown", "ok_rows", "paired_bootstrap", "paper_table", "param_count_frame",
     "param_count_grid", "pareto_front", "planned_plots", "plot_efficiency", "plot_rank_curve",
     "plot_score_vs_params", "plot_score_vs_rank", "plot_training_curves", "rank_scores", "read_predictions",
-    "resampled_metric", "results_csv", "results_grid", "save_figure", "select", "table_columns", "task_position",
+    "resampled_metric", "results_csv", "results_grid", "save_figure", "select", "table_columns", "task_label", "task_position",
     "variant_label", "write_report",
 ]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.report.labels import METRIC_LABELS, TASK_LABELS, task_position, variant_label
+from harness.report.labels import METRIC_LABELS, task_label, task_position, variant_label
 from harness.report.render import byte_unit
 from harness.report.rows import ReportError, histories, ok_rows, rank_scores
 from harness.report.tables import PaperTable, group_frame
@@ -247,8 +247,8 @@ def plot_training_curves(rows: pd.DataFrame, history: pd.DataFrame | None = None
             label = series_label(row.variant, row.impl, row.rank)
             axes[j].plot(part.step, part.score * task_scale(rows, task), markersize=4, label=label, **style)
             axes[len(tasks) + j].plot(part.step, part.train_loss, markersize=4, label=label, **style)
-        finish_axes(axes[j], f"{TASK_LABELS.get(task, task)}: validation", "optimizer step", primary_of(rows, task))
-        finish_axes(axes[len(tasks) + j], f"{TASK_LABELS.get(task, task)}: training", "optimizer step",
+        finish_axes(axes[j], f"{task_label(task)}: validation", "optimizer step", primary_of(rows, task))
+        finish_axes(axes[len(tasks) + j], f"{task_label(task)}: training", "optimizer step",
                     "training loss (mean since last eval)", min_span=0.01)
     at = f"; rank-using variants at r={', '.join(str(int(r)) for r in sorted(ranks))}" if run_ranks else ""
     fig.suptitle(f"Training curves (median over seeds at each evaluation{at})")
@@ -296,7 +296,7 @@ def plot_rank_curve(rows: pd.DataFrame, scores: pd.DataFrame | None = None):
         ticks = sorted(set(stats[stats.task == task]["rank"].dropna().astype(int)))
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
-        finish_axes(ax, f"{TASK_LABELS.get(task, task)}: score by evaluated rank",
+        finish_axes(ax, f"{task_label(task)}: score by evaluated rank",
                     "rank used at evaluation (log scale)", primary_of(rows, task))
     fig.suptitle("DyLoRA: one adapter, scored at every rank up to the trained one, at its best evaluation "
                  "(median over seeds, bars: std)")

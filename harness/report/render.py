@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from harness.report.labels import METRIC_LABELS, TASK_LABELS, task_position, variant_label
+from harness.report.labels import METRIC_LABELS, task_label, task_position, variant_label
 from harness.report.tables import EFFICIENCY_BYTES, PARAM_MODELS, Column, PaperTable
 
 
@@ -178,7 +178,7 @@ def results_grid(table: PaperTable) -> Grid:
                              dagger=bool(cell.holdout) and label not in holdout_columns, note=note))
         body.append(line)
     models = sorted(set(table.groups.model))
-    metrics = "; ".join(f"{TASK_LABELS.get(t, t)} {describe_metrics(table.columns, t)}"
+    metrics = "; ".join(f"{task_label(t)} {describe_metrics(table.columns, t)}"
                         for t in dict.fromkeys(c.task for c in table.columns))
     caption = (
         f"Results of {', '.join(models)} on the validation sets: each cell is the median over seeds ± the sample "
@@ -243,8 +243,8 @@ def efficiency_grid(frame: pd.DataFrame, task: str | None = None) -> Grid:
         body.append(line)
     devices = sorted(set("/".join(frame.device).split("/")) - {""})
     used = sorted(set(",".join(frame.tasks).split(",")) - {""}, key=task_position)
-    tasks_text = ", ".join(TASK_LABELS.get(t, t) for t in used)
-    scope = (f"on {TASK_LABELS.get(task, task)}" if task else
+    tasks_text = ", ".join(task_label(t) for t in used)
+    scope = (f"on {task_label(task)}" if task else
              f"the median over seeds per task, then over the tasks every row has: {tasks_text}"
              if frame.tasks.nunique() == 1 else
              f"the median over seeds per task, then over the row's own tasks, as no task is common to all: "

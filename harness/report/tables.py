@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from harness.report.labels import COMPANIONS, EXTRAS, TASK_LABELS, TASK_ORDER, column_label, task_position
+from harness.report.labels import COMPANIONS, EXTRAS, TASK_ORDER, column_label, task_label, task_position
 from harness.report.rows import ReportError, failures, ok_rows, read_predictions
 from harness.report.statistics import BOOTSTRAP_SCALE, LEVEL, RESAMPLES, SEED, paired_bootstrap
 
@@ -221,7 +221,7 @@ def head_note(ok: pd.DataFrame) -> str:
     sizes = ok.groupby(["model", "head_params"]).task.agg(lambda t: sorted(set(t), key=task_position))
     parts = []
     for (model, size), tasks in sizes.items():
-        parts.append(f"{int(size):,} for {model} on {', '.join(TASK_LABELS.get(t, t) for t in tasks)}")
+        parts.append(f"{int(size):,} for {model} on {', '.join(task_label(t) for t in tasks)}")
     return ("Trainable parameters exclude the task head (classifier, or QA outputs; for BERT-family encoders "
             "also the pooler), which every variant trains: " + "; ".join(parts) + ".")
 
