@@ -1,6 +1,11 @@
-"""python -m harness.report: --check catches an edited table, a missing folder is a clear error."""
+"""python -m harness.report: --check catches an edited table without importing the training stack, a missing
+folder is a clear error."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +33,19 @@ def test_empty_results_folder_says_how_to_fix_it(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(report.ReportError, match="--out"):
         report.write_report([tmp_path, tmp_path])
+
+
+TRAINING_STACK = ("torch", "transformers", "peft", "torchao", "datasets", "harness.run", "harness.train",
+                  "harness.inspect", "harness.adapters", "harness.models")
+
+
+def test_check_does_not_import_the_training_stack(report_rows_dir, report_written):
+    """The report is a function of the committed rows and data files: CI's --check needs no model code."""
+    script = ("import sys; from harness.report.__main__ import main; "
+              f"code = main([{str(report_rows_dir)!r}, '--out', {str(report_written)!r}, '--resamples', '200', "
+              "'--check']); "
+              f"print(code, [name for name in {TRAINING_STACK!r} if name in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout

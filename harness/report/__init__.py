@@ -41,17 +41,16 @@ from harness.report.render import (Cell, Grid, csv_text, efficiency_grid, fixed,
 from harness.report.rows import (ReportError, failures, group_key, histories, load, ok_rows, rank_scores,
                                  read_predictions, select)
 from harness.report.statistics import LEVEL, RESAMPLES, SEED, paired_bootstrap, resampled_metric
-from harness.report.tables import (PUBLISHED, Column, PaperTable, Published, efficiency_frame, paper_table,
-                                   param_count_frame, table_columns)
+from harness.report.tables import (Column, PaperTable, efficiency_frame, paper_table, param_count_frame,
+                                   published_params, table_columns)
 
 __all__ = [
-    "COLUMN_LABELS", "COMPANIONS", "EXTRAS", "LEVEL", "METRIC_LABELS", "PUBLISHED", "RESAMPLES", "SEED",
-    "TASK_ORDER", "VARIANT_ORDER", "Cell", "Column", "Grid", "PaperTable",
-    "Published", "ReportError", "build", "check", "column_label", "config_labels", "csv_text", "default_out", "efficiency_frame",
-    "efficiency_grid", "failures", "fixed", "format_count", "format_sig", "group_key", "histories", "index_page",
-    "latex", "load", "markdown", "ok_rows", "paired_bootstrap", "paper_table", "param_count_frame",
-    "param_count_grid", "pareto_front", "planned_plots", "plot_efficiency", "plot_rank_curve",
-    "plot_score_vs_params", "plot_score_vs_rank", "plot_training_curves", "rank_scores", "read_predictions",
-    "resampled_metric", "results_csv", "results_grid", "save_figure", "select", "table_columns", "task_label", "task_position",
-    "variant_label", "write_report",
+    "COLUMN_LABELS", "COMPANIONS", "EXTRAS", "LEVEL", "METRIC_LABELS", "RESAMPLES", "SEED", "TASK_ORDER",
+    "VARIANT_ORDER", "Cell", "Column", "Grid", "PaperTable", "ReportError", "build", "check", "column_label",
+    "config_labels", "csv_text", "default_out", "efficiency_frame", "efficiency_grid", "failures", "fixed",
+    "format_count", "format_sig", "group_key", "histories", "index_page", "latex", "load", "markdown", "ok_rows",
+    "paired_bootstrap", "paper_table", "param_count_frame", "param_count_grid", "pareto_front", "planned_plots",
+    "plot_efficiency", "plot_rank_curve", "plot_score_vs_params", "plot_score_vs_rank", "plot_training_curves",
+    "published_params", "rank_scores", "read_predictions", "resampled_metric", "results_csv", "results_grid",
+    "save_figure", "select", "table_columns", "task_label", "task_position", "variant_label", "write_report"
 ]
