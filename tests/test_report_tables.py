@@ -83,3 +83,9 @@ def test_committed_param_counts_are_what_harness_inspect_counts():
     assert frame.loc[("lora", "roberta_large"), "published"] == "0.8M"
     assert frame.loc[("vera", "roberta_base"), "ours"] == 43_008  # VeRA paper: 0.043M
     assert ((frame.ratio > 0.97) & (frame.ratio < 1.03)).all()
+
+
+def test_a_misprinted_published_count_says_what_is_wrong():
+    assert report.tables.parse_count("73.7K") == 73_700 and report.tables.parse_count("0.3M") == 300_000
+    with pytest.raises(report.ReportError, match="'0.3m' .* K/M/B suffix"):
+        report.tables.parse_count("0.3m")

@@ -268,7 +268,6 @@ def efficiency_frame(rows: pd.DataFrame, task: str | None = None) -> pd.DataFram
     return frame.reset_index()
 
 
-
 # ---- our parameter counts next to the papers' --------------------------------------------------------
 PARAM_MODELS = ("roberta_base", "roberta_large")
 # The papers' trainable-parameter counts, the overrides that reproduce each setting here, and our counts for
@@ -278,7 +277,12 @@ PUBLISHED_PARAMS = Path(__file__).with_name("published_params.csv")
 
 
 def parse_count(text: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)([KMB]?)", text).groups()
+    """A count as papers print it (0.3M, 73.7K, 512) as a number."""
+    found = re.fullmatch(r"([\d.]+)([KMB]?)", text)
+    if found is None:
+        raise ReportError(f"published count {text!r} in {PUBLISHED_PARAMS} is not a number with an optional "
+                          "K/M/B suffix, e.g. 0.3M")
+    number, unit = found.groups()
     return float(number) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}[unit]
 
 
