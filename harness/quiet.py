@@ -1,7 +1,7 @@
 """Quiet startup: keep known, harmless third-party noise out of every command's output, and nothing else.
 
 - transformers imports torchao whenever it is installed (for its own torchao quantizer, which the harness
-  never uses): about a second of every command, two "Failed to load ...torchao/_C_*.so" lines and two torch
+  never uses): import time on every command, two "Failed to load ...torchao/_C_*.so" lines and two torch
   "_pytree ... deprecated" warnings. The harness imports torchao itself, and only for `variant=qlora`.
 - When torchao is imported (`variant=qlora`), those two kinds of lines go to debug level instead.
 - While the harness loads a pretrained encoder, transformers' table of the checkpoint keys it did not use
