@@ -159,8 +159,9 @@ def test_a_preempted_job_writes_its_interrupted_row_requeues_itself_and_ends_ok(
     the run's `interrupted` row, then the job requeues itself, runs again and ends ok; the sweep exits 0."""
     sweep = slurm_sweep("variant=lora", "train.max_steps=400", wait=False)
     wait_for(lambda: "training" in job_logs(slurm_sweep.results), what="the job's run training")
-    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "2", "--mem=1G", "-J", slurm_sweep.name,
-                             "--wrap", "sleep 1"], check=True, capture_output=True, text=True).stdout.strip()
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "2", "--mem=1G", "-o", "/dev/null",
+                             "-J", slurm_sweep.name, "--wrap", "sleep 1"],
+                            check=True, capture_output=True, text=True).stdout.strip()
     interrupted = wait_for(lambda: [r for r in rows(slurm_sweep.results).values() if r["status"] == "interrupted"],
                            timeout=120, what="the interrupted row")
     assert interrupted[0]["error"] == "Interrupted: received SIGTERM"
