@@ -223,9 +223,10 @@ def non_finite_scores(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_done(row: dict[str, Any] | None) -> bool:
-    """Whether a run's row counts as finished: `ok` with every score finite (an `ok` row with a NaN score was
-    written before the writer refused them, and is run again)."""
-    return row is not None and row["status"] == "ok" and not non_finite_scores(row)
+    """Whether a run's row counts as finished: `ok` with a finite score. Older code wrote `ok` rows with a NaN
+    score, which Parquet stores as null; such a run is done again."""
+    return (row is not None and row["status"] == "ok" and row.get("score_best") is not None
+            and not non_finite_scores(row))
 
 
 def write_row(results_dir: str | Path, sweep: str, values: dict[str, Any]) -> Path:
