@@ -28,6 +28,7 @@ import argparse
 import difflib
 import functools
 import json
+import logging
 import math
 import re
 import sys
@@ -44,6 +45,8 @@ from omegaconf import OmegaConf
 from harness import results as results_io
 from harness.errors import HarnessError
 from harness.metrics import glue_metrics
+
+log = logging.getLogger(__name__)
 
 
 class ReportError(HarnessError):
@@ -108,6 +111,11 @@ def load(*dirs: str | Path) -> pd.DataFrame:
             "<dir>/<sweep>/runs/<run_key>.parquet. Run something first, e.g. "
             "`python -m harness +sweep=smoke` (rows go to results/<sweep_name>/runs/)")
     rows = rows.copy()
+    no_score = (rows.status == "ok") & ~np.isfinite(rows.score_best.astype(float))
+    if no_score.any():  # written before the row writer refused them: a NaN score, stored as null
+        log.warning("%d ok rows have no finite score (written by older code); listed as failed", int(no_score.sum()))
+        rows.loc[no_score, "error"] = "NoScore: an ok row without a finite score (older code); run it again"
+        rows.loc[no_score, "status"] = "failed"
     rows["rank"] = rows["rank"].astype("Int64")
     rows["impl"] = rows["impl"].fillna("ours")
     rows["holdout"] = rows["protocol"].fillna("").str.startswith("holdout")
@@ -775,7 +783,7 @@ def results_grid(table: PaperTable) -> Grid:
         f"standard deviation ({table.max_seeds} seed{'s' if table.max_seeds != 1 else ''} unless n= says fewer). "
         "Every run is scored at its best evaluation (best-epoch selection on the validation set, as in the LoRA "
         f"paper). Metrics: {metrics}; GLUE scores x100. Avg. is the mean of the tasks' first (primary) columns, "
-        "for rows with every task. Bold: best in the column. Underlined: not significantly different from the "
+        f"for rows with every task. Bold: best in the column{' for each model' if len(models) > 1 else ''}. Underlined: not significantly different from the "
         f"bold one — paired bootstrap over validation examples ({table.resamples} resamples, seed {table.seed}, "
         f"all seeds, each resample scored as the median over seeds): the {table.level:.0%} percentile interval of "
         "(best − row) contains 0. Avg. is not tested.")

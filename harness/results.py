@@ -215,7 +215,7 @@ def non_finite_scores(row: dict[str, Any]) -> dict[str, Any]:
     """The score and metric values of `row` (its columns, and the last evaluation's metrics) that are NaN or
     infinite; a score that was not measured (None) is not one of them."""
     values = {c: row.get(c) for c in SCORE_COLUMNS}
-    if row.get("last_metrics_json"):
+    if isinstance(row.get("last_metrics_json"), str):
         values.update({f"last.{k}": v for k, v in json.loads(row["last_metrics_json"]).items()
                        if k not in ("step", "epoch")})
     return {k: v for k, v in values.items()

@@ -140,7 +140,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one configuration and return its results row (as a dict)."""
     key = results.run_key(cfg)
     existing = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, key))
-    if existing is not None and existing["status"] == "ok":
+    if results.is_done(existing):
         log.info("skip %s: run %s already has an ok row", describe(cfg), key)
         warn_if_measured_elsewhere(existing, cfg.device)
         return existing

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from harness import results, sweep
 from harness.errors import ConfigError, DataError, Diverged
@@ -300,3 +301,41 @@ def test_a_batch_larger_than_the_training_set_is_recorded_as_it_ran(make_cfg):
 def test_a_summary_of_no_finished_runs_says_so():
     text = sweep.format_summary("s", pd.DataFrame({c: [] for c in results.COLUMNS}), 3)
     assert text == "sweep s: no run finished in this sitting; 3 ok rows in the sweep"
+
+
+# ---- the report ----------------------------------------------------------------------------------------------
+def write_synthetic_rows(folder, rows) -> None:
+    """Rows as a run writes them (config_json composed from the YAMLs), scores given; written without make_row,
+    so that an `ok` row with a NaN score, as older code wrote it, can be made."""
+    for i, values in enumerate(rows):
+        model, variant = values["model"], values["variant"]
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"model={model}", "task=rte", f"variant={variant}"])
+        row = {"run_key": f"{i:016d}", "sweep": folder.name, "task": "rte", "rank": 8 if variant == "lora" else None,
+               "impl": "ours", "seed": 0, "primary_metric": "accuracy", "protocol": "standard",
+               "trainable_params_no_head": 10, "config_json": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
+               **values}
+        frame = results.make_row({**row, "status": "failed"}).assign(status=row["status"])
+        results.atomic_write_parquet(frame, results.row_path(folder.parent, folder.name, row["run_key"]),
+                                     results.SCHEMA)
+
+
+def test_a_report_holding_only_an_old_ok_row_with_a_nan_score_says_so_instead_of_crashing(tmp_path):
+    from harness import report
+
+    write_synthetic_rows(tmp_path / "s", [{"status": "ok", "model": "tiny_roberta", "variant": "lora",
+                                           "score_best": math.nan, "metric_accuracy": math.nan}])
+    with pytest.raises(report.ReportError, match="no ok rows among 1.*without a finite score"):
+        report.paper_table(report.load(tmp_path / "s"))
+
+
+def test_with_two_models_the_caption_says_bold_is_the_best_per_model(tmp_path):
+    from harness import report
+
+    write_synthetic_rows(tmp_path / "s", [
+        {"status": "ok", "model": model, "variant": variant, "score_best": score, "metric_accuracy": score}
+        for model, variant, score in [("tiny_roberta", "lora", 0.6), ("tiny_roberta", "full", 0.5),
+                                      ("minilm", "lora", 0.6), ("minilm", "full", 0.7)]])
+    text = report.markdown(report.results_grid(report.paper_table(report.load(tmp_path / "s"))))
+    assert "Bold: best in the column for each model." in text
+    assert text.count("**60.0**") == 2 and text.count("**70.0**") == 2  # tiny's LoRA and minilm's full FT (+Avg.)
