@@ -26,6 +26,9 @@ def v1_run_key(config: dict[str, Any]) -> str:
     full = {k: v for k, v in config.items()
             if k not in {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run"}}
     full["data"] = {k: v for k, v in full.get("data", {}).items() if k not in {"dir", "cache_dir"}}
+    for group in ("variant", "task"):  # display names (`label:`), left out since they were added
+        if isinstance(full.get(group), dict):
+            full[group] = {k: v for k, v in full[group].items() if k != "label"}
     full["train"] = {k: v for k, v in full.get("train", {}).items()
                      if k not in {"num_workers", "log_every_steps", "eval_batch_size"}
                      and not (k == "head_lr" and v is None)}

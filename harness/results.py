@@ -74,10 +74,11 @@ COLUMNS = SCHEMA.names
 # To add a config key: if it says where or how a run executes (paths, workers, logging, trackers), add its dotted
 # path to NOT_IN_KEY; if it changes what a run computes, add `"group.key": <its default>` to ADDED_KEYS. Either
 # way, every committed row keeps its run_key. Changing anything else here moves keys: bump KEY_VERSION and migrate
-# the committed rows (scripts/migrate_run_keys.py).
+# the committed rows (python -m harness.migrate_keys results).
 KEY_VERSION = 2
 NOT_IN_KEY = {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run",
-              "data.dir", "data.cache_dir", "train.num_workers", "train.log_every_steps", "train.eval_batch_size"}
+              "data.dir", "data.cache_dir", "train.num_workers", "train.log_every_steps", "train.eval_batch_size",
+              "variant.label", "task.label"}  # labels: display names for tables (renaming one changes no number)
 ADDED_KEYS = {"train.head_lr": None}
 
 
