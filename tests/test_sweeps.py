@@ -497,3 +497,32 @@ def test_sweep_sizes(harness_cli, name, expected):
     done = harness_cli("dry_run=true", sweep=name, timeout=1200)
     assert done.returncode == 0, done.stderr
     assert len(listing(done.stdout)) == expected
+
+
+def test_waiting_for_cluster_jobs_gives_up_on_a_job_whose_state_cannot_be_learned_and_names_it():
+    """The sweep's wait for a SLURM array: a running job is waited for as long as it runs; a job that ended without
+    a result is lost after a short grace; a job neither a result nor the scheduler accounts for is given up after
+    the configured time. (The scheduler here answers through `states`, the clock is simulated.)"""
+    now = [0.0]
+    finished = set()
+    answers = {"7_0": "RUNNING", "7_1": "RUNNING", "7_2": "RUNNING"}
+
+    def states(ids):
+        if now[0] >= 100:  # the controller stops answering
+            return {}, "squeue: slurm_load_jobs error: Unable to contact slurm controller"
+        if now[0] >= 50:
+            answers.update({"7_1": "CANCELLED"})  # scancel -s KILL: no result will come
+        if now[0] >= 90:
+            finished.add("7_0")  # 7_0 writes its result and ends
+        return {i: answers[i] for i in ids}, ""
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    jobs = [sweep.ClusterJob(i, f"job {i}", lambda i=i: i in finished) for i in ("7_0", "7_1", "7_2")]
+    lost = sweep.await_cluster_jobs(jobs, states, unknown_timeout_s=300, ended_grace_s=30, query_every_s=10,
+                                    clock=lambda: now[0], sleep=sleep)
+    assert set(lost) == {"7_1", "7_2"}
+    assert "SLURM job 7_1 ended CANCELLED, and no result came within 30 s" in lost["7_1"]
+    assert re.search(r"no result and no state from SLURM for 3\d\d s", lost["7_2"]) and "Unable to contact" in lost["7_2"]
+    assert 390 <= now[0] <= 420, "given up unknown_timeout_s after the scheduler's last answer, not sooner or never"
