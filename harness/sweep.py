@@ -146,7 +146,8 @@ def job_state(cfg: DictConfig, overrides: list[str]) -> JobState:
     row = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, key))
     if row is None:
         return JobState(list(overrides), key, "todo")
-    return JobState(list(overrides), key, row["status"], row.get("device"))
+    status = "nan" if row["status"] == "ok" and not results.is_done(row) else row["status"]  # ok, with a NaN score
+    return JobState(list(overrides), key, status, row.get("device"))
 
 
 def job_states(jobs: Sequence[list[str]], compose: Callable[[list[str]], DictConfig]) -> list[JobState]:
@@ -436,10 +437,16 @@ def sitting_rows(results_dir: str | Path, sweep_name: str, since: dt.datetime) -
     return rows[finished.map(lambda t: t is not None and t >= since)]
 
 
-def format_summary(sweep_name: str, rows: pd.DataFrame, total_ok: int) -> str:
+def format_summary(sweep_name: str, rows: pd.DataFrame, total_ok: int,
+                   job_errors: Sequence[tuple[str, str]] = ()) -> str:
+    """How this sitting's runs ended, listing those that did not end ok, then the jobs that stopped before their
+    run started (`job_errors`: (overrides, error) of a bad config or environment: no row)."""
     counts = rows["status"].value_counts().to_dict() if len(rows) else {}
-    text = (f"sweep {sweep_name}: {len(rows)} runs finished in this sitting ("
-            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"); {total_ok} ok rows in the sweep")
+    if len(rows):
+        text = (f"sweep {sweep_name}: {len(rows)} runs finished in this sitting ("
+                + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"); {total_ok} ok rows in the sweep")
+    else:
+        text = f"sweep {sweep_name}: no run finished in this sitting; {total_ok} ok rows in the sweep"
     failed = rows[rows["status"] != "ok"] if len(rows) else rows
     if len(failed):
         text += f"\n{len(failed)} runs did not end ok (re-running the same command retries them):"
@@ -447,16 +454,35 @@ def format_summary(sweep_name: str, rows: pd.DataFrame, total_ok: int) -> str:
             rank = "" if pd.isna(row.rank) else f" r={int(row.rank)}"
             text += (f"\n  {row.status:<11} {row.run_key}  task={row.task} variant={row.variant}{rank} "
                      f"seed={row.seed}: {row.error}")
+    if job_errors:
+        text += f"\n{len(job_errors)} jobs did not start (no row; fix the config or environment, then re-run):"
+        for overrides, error in job_errors:
+            text += f"\n  {overrides}: {error}"
     return text
 
 
-def log_summary(results_dir: str | Path, sweep_name: str, since: dt.datetime) -> int:
-    """Log how the runs written since `since` ended, listing those not ok; return how many were not ok."""
+def job_errors(sweep_dir: str | Path | None) -> list[tuple[str, str]]:
+    """(overrides, error) of every job of this sitting that stopped before its run (harness/__main__.py writes
+    them into the job's log folder, which belongs to this sitting)."""
+    if sweep_dir is None:
+        return []
+    found = []
+    for path in sorted(Path(sweep_dir).glob("*/error.txt"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        overrides, _, error = path.read_text().partition("\n")
+        found.append((overrides, error.strip()))
+    return found
+
+
+def log_summary(results_dir: str | Path, sweep_name: str, since: dt.datetime,
+                sweep_dir: str | Path | None = None) -> int:
+    """Log how the runs written since `since` ended, listing those not ok and the jobs of `sweep_dir` that did not
+    start; return how many were not ok."""
     rows = sitting_rows(results_dir, sweep_name, since)
     all_rows = results.read_rows(Path(results_dir) / sweep_name)
     total_ok = int((all_rows["status"] == "ok").sum()) if len(all_rows) else 0
-    not_ok = int((rows["status"] != "ok").sum()) if len(rows) else 0
-    (log.warning if not_ok else log.info)(format_summary(sweep_name, rows, total_ok))
+    errors = job_errors(sweep_dir)
+    not_ok = (int((rows["status"] != "ok").sum()) if len(rows) else 0) + len(errors)
+    (log.warning if not_ok else log.info)(format_summary(sweep_name, rows, total_ok, errors))
     return not_ok
 
 
@@ -481,7 +507,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.started is None or config.get("dry_run"):
             return
-        log_summary(config.results_dir, config.sweep_name, self.started)
+        log_summary(config.results_dir, config.sweep_name, self.started, config.hydra.sweep.dir)
 
 
 def sitting_start() -> dt.datetime:

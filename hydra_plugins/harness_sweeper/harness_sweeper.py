@@ -136,7 +136,7 @@ class HarnessSweeper(BasicSweeper):
             for number, handler in previous.items():
                 signal.signal(number, handler)
         if failures:  # like Hydra's basic sweeper, a failed job fails the multirun, but only after all ran
-            log_summary(self.config.results_dir, sweep_name, started)
+            log_summary(self.config.results_dir, sweep_name, started, sweep_dir)
             if self.slurm_notes:
                 log.warning("SLURM stopped %d of those runs:\n  %s", len(self.slurm_notes), "\n  ".join(self.slurm_notes))
             if self.lost:
@@ -152,6 +152,7 @@ class HarnessSweeper(BasicSweeper):
         from joblib.externals.loky.process_executor import TerminatedWorkerError
 
         from harness import results as rows
+        from harness.errors import HarnessError
         from harness.sweep import RunBusy, RunFailed, SweepStopping
 
         returns: List[Sequence[JobReturn]] = []
@@ -195,7 +196,9 @@ class HarnessSweeper(BasicSweeper):
                 failures += 1
                 if isinstance(error, RunFailed) and "SLURM job" in str(error):
                     self.slurm_notes.append(str(error))
-                if not isinstance(error, RunFailed):  # crashed before or after writing its row: a bug, say so
+                if isinstance(error, HarnessError) and not isinstance(error, RunFailed):  # bad config: no row
+                    log.error("job %s did not start: %s", " ".join(overrides), error)
+                elif not isinstance(error, RunFailed):  # crashed before or after writing its row: a bug, say so
                     log.error("job %s crashed without a result row: %s: %s", " ".join(overrides),
                               type(error).__name__, error)
                 if self.config.get("fail_fast"):
