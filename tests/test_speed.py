@@ -109,8 +109,10 @@ def test_group_by_length_off_keeps_the_run_key_of_configs_without_it(make_cfg):
 
 
 def test_group_by_length_must_be_a_boolean(make_cfg):
-    row = run(make_cfg("train.group_by_length=sometimes"))
-    assert row["status"] == "failed" and "train.group_by_length" in row["error"]
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.group_by_length='sometimes' is not allowed: true or false"):
+        run(make_cfg("train.group_by_length=sometimes"))
 
 
 def test_the_row_accounts_for_time_outside_training(make_cfg):
