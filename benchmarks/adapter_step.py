@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/adapter_step.py                      # MiniLM and roberta-base shape
     HF_HUB_OFFLINE=1 python benchmarks/adapter_step.py --models minilm --variants lora dora --reps 5
+    HF_HUB_OFFLINE=1 python benchmarks/adapter_step.py --crossover --reps 7   # merged vs composed by tokens/batch
 
 For each model (all-MiniLM-L6-v2 from its package; roberta-base built at random from its YAML) and each
 adapter variant, the variant is injected by the harness (`variant.impl=ours` and, where peft has it,
@@ -22,6 +23,7 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -196,6 +198,49 @@ def print_targets(model_name: str, summary: dict) -> None:
     print(f"\n{model_name}: " + "\n{0}: ".format(model_name).join(lines))
 
 
+CROSSOVER_TOKENS = (128, 512, 2048, 4096)
+
+
+def set_merged_path(model: torch.nn.Module, min_tokens: int) -> None:
+    for module in model.modules():
+        if hasattr(module, "merged_path_min_tokens"):
+            module.merged_path_min_tokens = min_tokens
+
+
+def crossover(model_name: str, variants: list[str], reps: int, batch_size: int) -> None:
+    """LoRA-family step time through the merged weight against the composed ops, at each tokens-per-batch count,
+    and whether the path the layer picks by itself (its `merged_path_min_tokens`) is the faster one."""
+    base, head = load_base(model_name)
+    probe = Subject(base, head, "lora", "ours", model_name)
+    threshold = next(m.merged_path_min_tokens for m in probe.model.modules() if hasattr(m, "merged_path_min_tokens"))
+    del probe
+    print(f"\n## {model_name}: merged-weight vs composed path, batch {batch_size} x (tokens / {batch_size}), fp32, "
+          f"{torch.get_num_threads()} threads, {reps} interleaved reps (median step ms); the layer picks merged from "
+          f"{threshold} tokens")
+    print(f"{'variant':<8} {'tokens':>6} {'merged ms':>9} {'composed ms':>11} {'merged/composed':>15} {'picked':>8} "
+          f"{'picked/best':>11}")
+    for name in variants:
+        crossing = None
+        for tokens in CROSSOVER_TOKENS:
+            seq_len = max(1, tokens // batch_size)
+            generator = torch.Generator().manual_seed(0)
+            batch = {"input_ids": torch.randint(1000, 20000, (batch_size, seq_len), generator=generator),
+                     "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+                     "labels": torch.randint(0, 2, (batch_size,), generator=generator)}
+            merged, composed = (Subject(base, head, name, "ours", model_name) for _ in range(2))
+            set_merged_path(merged.model, 0)
+            set_merged_path(composed.model, 2**62)
+            run_group([merged, composed], batch, reps)
+            m, c = median(merged), median(composed)
+            picked = m if batch_size * seq_len >= threshold else c
+            if crossing is None and m < c:
+                crossing = tokens
+            print(f"{name:<8} {batch_size * seq_len:>6} {1e3 * m:>9.1f} {1e3 * c:>11.1f} {m / c:>15.3f} "
+                  f"{'merged' if picked == m else 'composed':>8} {picked / min(m, c):>11.3f}", flush=True)
+        print(f"{model_name} {name}: merged is faster from {crossing if crossing else 'none'} of "
+              f"{list(CROSSOVER_TOKENS)} tokens per batch")
+
+
 def main() -> None:
     adapter_variants = sorted(n for n, cls in VARIANTS.items() if issubclass(cls, AdapterVariant))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -204,10 +249,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--crossover", action="store_true",
+                        help=f"time the merged-weight path against the composed one at {CROSSOVER_TOKENS} tokens per "
+                             "batch (variants: lora and dora unless --variants is given)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, load average at start {os.getloadavg()[0]:.2f}")
     for model_name in args.models:
-        benchmark_model(model_name, args.variants, args.reps, args.batch_size, args.seq_len)
+        if args.crossover:
+            chosen = [v for v in args.variants if v in ("lora", "dora")] if "--variants" not in sys.argv else args.variants
+            crossover(model_name, chosen, args.reps, args.batch_size)
+        else:
+            benchmark_model(model_name, args.variants, args.reps, args.batch_size, args.seq_len)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
 
 

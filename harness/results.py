@@ -57,7 +57,8 @@ SCHEMA = pa.schema(
     + [("last_metrics_json", _S), ("rank_scores_json", _S)]  # DyLoRA: {rank: primary metric} at the last eval
     # speed
     + [("steps", _I), ("train_seconds", _F), ("train_samples_per_s", _F), ("train_tokens_per_s", _F),
-       ("eval_seconds", _F), ("eval_samples_per_s", _F)]
+       ("eval_seconds", _F), ("eval_samples_per_s", _F), ("train_padding_ratio", _F), ("eval_padding_ratio", _F),
+       ("wall_seconds", _F), ("setup_seconds", _F)]
     # memory
     + [("cuda_peak_allocated_bytes", _I), ("cuda_peak_reserved_bytes", _I), ("cpu_peak_rss_bytes", _I),
        ("param_bytes", _I), ("grad_bytes", _I), ("optimizer_state_bytes", _I), ("saved_activation_bytes", _I),
@@ -79,7 +80,7 @@ KEY_VERSION = 2
 NOT_IN_KEY = {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run",
               "data.dir", "data.cache_dir", "train.num_workers", "train.log_every_steps", "train.eval_batch_size",
               "variant.label", "task.label"}  # labels: display names for tables (renaming one changes no number)
-ADDED_KEYS = {"train.head_lr": None}
+ADDED_KEYS = {"train.head_lr": None, "train.group_by_length": False}
 
 
 def semantic_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -280,7 +281,9 @@ def read_rows(*dirs: str | Path, set_aside: bool = False) -> pd.DataFrame:
     tables = [t for t in (read_table(f, set_aside) for f in files) if t is not None]
     if not tables:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
-    return pa.concat_tables(tables).to_pandas()
+    # Rows written before a column was added lack it: they read as null there (promote), not as an error.
+    frame = pa.concat_tables(tables, promote_options="default").to_pandas()
+    return frame.reindex(columns=[*COLUMNS, *(c for c in frame.columns if c not in COLUMNS)])
 
 
 def check_writable(results_dir: str | Path, sweep: str) -> None:

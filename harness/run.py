@@ -12,9 +12,11 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import socket
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from harness import adapters, models, results, tasks
 from harness.checkpoint import save_adapter
 from harness.errors import ConfigError, Diverged, HarnessError, Interrupted, NoScore, require
-from harness.train import TrainOutcome, resolve_device, resolve_precision, train, validate_train
+from harness.train import (TrainOutcome, concrete_precision, padding_ratio, resolve_device, resolve_precision, train,
+                           validate_train)
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +139,35 @@ def config_columns(cfg: DictConfig, key: str) -> dict[str, Any]:
     }
 
 
+def process_start_time() -> float | None:
+    """When this process started (time.time() scale), so that the first run in it is charged its imports;
+    None where /proc cannot tell."""
+    try:
+        with open("/proc/self/stat") as handle:
+            started_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as handle:
+            boot = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
+        return boot + started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+_charged_process_start = False
+
+
+def run_start_time() -> float:
+    """The start of this run's wall clock: the process's start for its first run (imports and interpreter start
+    belong to it), the call itself for later runs in the same process (a sweep worker)."""
+    global _charged_process_start
+    now = time.time()
+    started = None if _charged_process_start else process_start_time()
+    _charged_process_start = True
+    return started if started is not None and started <= now else now
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one configuration and return its results row (as a dict)."""
+    started = run_start_time()
     key = results.run_key(cfg)
     existing = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, key))
     if results.is_done(existing):
@@ -150,6 +180,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     row["git_sha"], row["git_dirty"] = results.git_state()
     row["started_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     outcome = TrainOutcome(keep_best_state=bool(cfg.save_adapter))
+    outcome.started_at = started
     artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, key)
     shutil.rmtree(artifacts, ignore_errors=True)  # an earlier failed attempt's history must not pass for this one's
     model = variant = None
@@ -160,6 +191,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             validate_train(cfg.train)
             device = resolve_device(cfg.device)
             resolve_precision(cfg.train.precision, device)
+            row["precision"] = concrete_precision(cfg.train.precision, device)  # what auto chose
             row["device"] = describe_device(device)
             variant = adapters.build(cfg.variant)
             task = tasks.get(cfg.task, cfg.data)
@@ -286,6 +318,10 @@ def finish(cfg: DictConfig, row: dict[str, Any], outcome: TrainOutcome, artifact
         row["train_tokens_per_s"] = outcome.train_tokens / outcome.train_seconds
     if outcome.eval_seconds > 0:
         row["eval_samples_per_s"] = outcome.eval_samples / outcome.eval_seconds
+    row["train_padding_ratio"] = padding_ratio(outcome.train_padded_tokens, outcome.train_tokens)
+    row["eval_padding_ratio"] = padding_ratio(outcome.eval_padded_tokens, outcome.eval_tokens)
+    if outcome.first_step_at is not None:
+        row["setup_seconds"] = outcome.first_step_at - outcome.started_at
     row.setdefault("status", "failed")
     artifacts.mkdir(parents=True, exist_ok=True)
     (artifacts / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -294,6 +330,7 @@ def finish(cfg: DictConfig, row: dict[str, Any], outcome: TrainOutcome, artifact
     if outcome.predictions:
         frames = [df.assign(checkpoint=name) for name, df in outcome.predictions.items()]
         results.atomic_write_parquet(pd.concat(frames, ignore_index=True), artifacts / "predictions.parquet")
+    row["wall_seconds"] = time.time() - outcome.started_at  # up to the row's writing, the history's included
     path = results.write_row(cfg.results_dir, cfg.sweep_name, row)
     score = row.get("score_best")
     log.info("run %s %s: %s=%s -> %s", row["run_key"], row["status"], row.get("primary_metric"),

@@ -89,3 +89,13 @@ def test_a_misprinted_published_count_says_what_is_wrong():
     assert report.tables.parse_count("73.7K") == 73_700 and report.tables.parse_count("0.3M") == 300_000
     with pytest.raises(report.ReportError, match="'0.3m' .* K/M/B suffix"):
         report.tables.parse_count("0.3m")
+
+
+def test_efficiency_table_shows_wall_and_setup_seconds_where_rows_have_them(report_rows_dir):
+    rows = report.load(report_rows_dir)
+    assert rows.wall_seconds.notna().all()  # written by this checkout's runs
+    header = [cell.text for cell in report.efficiency_grid(report.efficiency_frame(rows)).header]
+    assert "Wall s" in header and "Setup s" in header
+    old = rows.assign(wall_seconds=np.nan, setup_seconds=np.nan)  # rows from before the columns existed
+    header = [cell.text for cell in report.efficiency_grid(report.efficiency_frame(old)).header]
+    assert "Wall s" not in header

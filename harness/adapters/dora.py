@@ -16,8 +16,10 @@ from harness.adapters.lora import LoRA, LoRALinear
 
 
 class DoRALinearFunction(torch.autograd.Function):
-    """y = g * (x W0^T + s (x A^T) B^T) + b, g = m / n with n the (constant) row norms, as one GEMM each way:
-    y = x (g * (W0 + s B A))^T + b, the scaled merged weight rebuilt in each direction (out x in work).
+    """y = g * (x W0^T + s (x A^T) B^T) + b, g = m / n with n the (constant) row norms, computed through the
+    scaled merged weight: y = x (g * (W0 + s B A))^T + b, rebuilt in each direction (out x in x r work, whatever
+    the batch). As for LoRA (`LoRALinearFunction`) this removes one of the two rank-r GEMMs over the activations
+    in forward and one of four in backward, so `DoRALinear` takes it from `merged_path_min_tokens` on.
 
     m's gradient, sum over tokens of dy * z for the direction z = x (W0 + s B A)^T, is taken from the output,
     which backward keeps instead of z: z = (y - b) / g, so dL/dm = (sum_t dy * y - b * sum_t dy) / m. No
@@ -65,8 +67,9 @@ class DoRALinearFunction(torch.autograd.Function):
 class DoRALinear(LoRALinear):
     """y = g * (W0 x + s B A x) + bias with g = m / ||W0 + s B A|| (detached).
 
-    Without dropout on a plain base this is `DoRALinearFunction` (GEMMs only; backward keeps the output,
-    where peft keeps two extra (tokens x out) tensors); otherwise the same formula from composed ops.
+    Without dropout on a plain base and with enough tokens in the batch this is `DoRALinearFunction` (backward
+    keeps the output, where peft keeps two extra (tokens x out) tensors); otherwise the same formula from composed
+    ops.
     """
 
     def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
@@ -88,7 +91,7 @@ class DoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if self.fused():  # no dropout at work, a plain frozen base: GEMMs only
+        if self.fused() and self.merged_path_pays(x):  # no dropout at work, a plain frozen base, many tokens
             return DoRALinearFunction.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
                                             self.scaling, self.lora_magnitude_vector, self.weight_norm())
         g = self.magnitude_scale()

@@ -24,10 +24,13 @@ PEFT_FOLDER = "peft_adapter"  # beside the run's adapter.safetensors
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + s (x A^T) B^T computed as x (W + s B A)^T + b, with its backward written out.
 
-    Training through the merged weight W + sBA (rebuilt in each direction: out x in x r work, not kept)
-    turns the adapter's two rank-r GEMMs over the (tokens x features) activations in each direction into
-    none; what remains of the adapter is what its gradients need: u = s x A^T (forward), and dL/d(Ax),
-    dL/dA, dL/dB (backward). Same math as the composed ops, different float rounding order.
+    Training through the merged weight W + sBA trades GEMMs over the activations for work on the weight. Of the
+    adapter's rank-r GEMMs over the (tokens x features) activations it removes one of the two in forward (u B^T;
+    u = s x A^T stays, its gradients need it) and one of the four in backward (dL/dx through B then A; dL/dA and
+    dL/dB stay), at the price of rebuilding W + sBA in each direction: 2 x out x in x r multiply-adds per step
+    whatever the batch. It pays only for batches of many tokens, so `LoRALinear` takes this path from its
+    `merged_path_min_tokens` on (4,096 for MiniLM's layers; measured: benchmarks/adapter_step.py --crossover).
+    Same math as the composed ops, different float rounding order.
 
     Keeps what autograd would keep: x (only when A is trained: LoRA-FA keeps nothing of it) and the rank-r u;
     the frozen W, A and B are parameters, not activations. Under autocast the GEMMs run in the autocast dtype
@@ -64,11 +67,20 @@ class LoRALinear(AdapterLinear):
     """The loralib/peft layer: A kaiming-uniform, B zeros, so the model is unchanged at initialisation."""
 
     prefix = "lora_"
+    # Training through the merged weight (`LoRALinearFunction`) pays from merged_path_min_tokens tokens per batch
+    # (batch x padded length): rebuilding W + sBA costs out x in x r per direction, whatever the batch, while the
+    # rank-r GEMMs it saves cost tokens x r x (in + out)-ish, so the crossover grows as in x out / (in + out).
+    # This factor on that width is measured: benchmarks/adapter_step.py --crossover put MiniLM's 384 x 384 layers
+    # (width 192) at 4,096 tokens (merged/composed 1.12 at 2,048, 0.99 at 4,096): 4096 / 192. roberta-base's
+    # 768 x 768 (width 384) then crosses at 8,192 (scaled, not measured).
+    MERGED_PATH_TOKENS_PER_WIDTH = 4096 / 192
 
     def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
         super().__init__(base)
         self.r = r
         self.scaling = scaling
+        width = base.in_features * base.out_features / (base.in_features + base.out_features)
+        self.merged_path_min_tokens = round(self.MERGED_PATH_TOKENS_PER_WIDTH * width)
         # Adapter weights stay fp32 whatever the base holds (bf16, NF4): QLoRA's "adapter in full precision".
         factory = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
@@ -96,10 +108,14 @@ class LoRALinear(AdapterLinear):
         return (type(base) is nn.Linear and not base.weight.requires_grad and base.weight.dtype == self.lora_A.dtype
                 and (isinstance(self.lora_dropout, nn.Identity) or not self.training))
 
+    def merged_path_pays(self, x: torch.Tensor) -> bool:
+        """Whether this batch has enough tokens for the merged-weight path to be the faster one."""
+        return x.numel() // x.shape[-1] >= self.merged_path_min_tokens
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if self.fused():
+        if self.fused() and self.merged_path_pays(x):
             lora_A, lora_B, scaling = self.factors()
             return LoRALinearFunction.apply(x, self.base.weight, self.base.bias, lora_A, lora_B, scaling)
         tokens = x.reshape(-1, x.shape[-1])

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from harness.report.labels import METRIC_LABELS, task_label, task_position, variant_label
-from harness.report.tables import EFFICIENCY_BYTES, PARAM_MODELS, Column, PaperTable
+from harness.report.tables import EFFICIENCY_BYTES, EFFICIENCY_TIMES, PARAM_MODELS, Column, PaperTable
 
 
 # ---- formatting --------------------------------------------------------------------------------------
@@ -232,6 +232,8 @@ def efficiency_grid(frame: pd.DataFrame, task: str | None = None) -> Grid:
     header = row_label_header(frame) + [Cell("Runs"), Cell("Train samples/s"), Cell("Train tokens/s"),
                                         Cell("Eval samples/s")]
     header += [Cell(f"{titles[name]} [{units[name][0]}]") for name in EFFICIENCY_BYTES]
+    times = [name for name in EFFICIENCY_TIMES if name in frame]
+    header += [Cell(EFFICIENCY_TIMES[name]) for name in times]
     body = []
     for row in frame.itertuples(index=False):
         row = pd.Series(row._asdict())
@@ -240,6 +242,7 @@ def efficiency_grid(frame: pd.DataFrame, task: str | None = None) -> Grid:
                                                            "eval_samples_per_s")]
         line += [Cell(format_sig(row[name] / units[name][1]) if pd.notna(row[name]) else "–")
                  for name in EFFICIENCY_BYTES]
+        line += [Cell(format_sig(row[name]) if pd.notna(row[name]) else "–") for name in times]
         body.append(line)
     devices = sorted(set("/".join(frame.device).split("/")) - {""})
     used = sorted(set(",".join(frame.tasks).split(",")) - {""}, key=task_position)

@@ -230,6 +230,8 @@ def head_note(ok: pd.DataFrame) -> str:
 # ---- efficiency --------------------------------------------------------------------------------------
 EFFICIENCY_BYTES = ("peak_memory_bytes", "param_bytes", "grad_bytes", "optimizer_state_bytes",
                     "saved_activation_bytes", "account_bytes", "adapter_bytes")
+# Whole-run seconds (rows written before these columns have none: the table then leaves them out)
+EFFICIENCY_TIMES = {"wall_seconds": "Wall s", "setup_seconds": "Setup s"}
 
 
 def efficiency_frame(rows: pd.DataFrame, task: str | None = None) -> pd.DataFrame:
@@ -252,7 +254,8 @@ def efficiency_frame(rows: pd.DataFrame, task: str | None = None) -> pd.DataFram
         peak_memory_kind=np.where(ok.cuda_peak_allocated_bytes.notna(), "CUDA allocated", "CPU RSS"),
         account_bytes=ok[["param_bytes", "grad_bytes", "optimizer_state_bytes", "saved_activation_bytes"]]
         .sum(axis=1, min_count=4))
-    measures = ["train_samples_per_s", "train_tokens_per_s", "eval_samples_per_s", *EFFICIENCY_BYTES]
+    measures = ["train_samples_per_s", "train_tokens_per_s", "eval_samples_per_s", *EFFICIENCY_BYTES,
+                *(c for c in EFFICIENCY_TIMES if c in ok and ok[c].notna().any())]
     common = set.intersection(*ok.groupby("group").task.agg(set))
     used = ok[ok.task.isin(common)] if common else ok  # no task in common: each row over its own tasks
     per_task = used.groupby(["group", "task"], sort=False)[measures].median().reset_index()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -74,6 +75,26 @@ def content_hash(ds: datasets.Dataset) -> str:
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return hashlib.sha256(sink.getvalue()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def tokenizing_alone(folder: Path):
+    """Hold an exclusive lock named after `folder` (in a `locks` folder beside the cache's) while filling it: a
+    second process asking for the same split waits, then finds it done. Without a POSIX lock (Windows) both
+    tokenize and the first to publish wins."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    locks = folder.parent.parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{folder.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class Task:
@@ -228,9 +249,15 @@ class Task:
         cache_root = Path(self.data_cfg.get("cache_dir") or ".cache/harness") / "tokenized"
         folder = cache_root / f"{self.name}-{split_name}-{self.cache_key(tokenizer, split_name, raw)}"
         if (folder / "dataset_info.json").exists():
+            log.info("token cache hit: %s", folder.name)
             return datasets.load_from_disk(str(folder))
-        encoded = encode(raw)
-        publish_folder(folder, lambda tmp: encoded.save_to_disk(str(tmp)))
+        with tokenizing_alone(folder):  # parallel jobs (joblib workers) of a sweep tokenize a split once, not each
+            if not (folder / "dataset_info.json").exists():
+                log.info("token cache miss: tokenizing %s %s into %s", self.name, split_name, folder.name)
+                encoded = encode(raw)
+                publish_folder(folder, lambda tmp: encoded.save_to_disk(str(tmp)))
+            else:
+                log.info("token cache hit (after waiting for another job): %s", folder.name)
         return datasets.load_from_disk(str(folder))
 
     def limit(self, ds: datasets.Dataset, key: str) -> datasets.Dataset:

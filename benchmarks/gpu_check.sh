@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# One prepared check for the day a CUDA machine is lent: the CUDA-only tests, then LoRA, DoRA and QLoRA at
+# roberta-base's shape (random init, offline tokenizer) in fp32 and bf16: step time, peak VRAM, bf16 autocast.
+#
+#   benchmarks/gpu_check.sh prepare   # here, with a package index: the wheels and the data subset it carries
+#   benchmarks/gpu_check.sh run       # there: no index, no internet; about 3-5 minutes on an H100
+#
+# The CUDA machine is assumed to have torch, transformers, peft, pandas, pyarrow, scikit-learn, scipy and
+# matplotlib. Everything else the harness and its tests import is carried as wheels, listed (pinned, for CPython
+# 3.11 on x86_64 Linux) in benchmarks/gpu_check_wheels.txt; `prepare` downloads them into
+# benchmarks/gpu_check/wheels (gitignored, about 6 MB) and copies a small MRPC subset into
+# benchmarks/gpu_check/data. Carry that folder with the working tree (the device tool's `carry`:
+# ["benchmarks/gpu_check"]). For another Python, set GPU_CHECK_PYTHON_VERSION=3.12 (for example) before `prepare`.
+#
+# Without CUDA, `run` does every step up to the first one that needs it, then stops with exit status 3 and says so.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HERE=benchmarks/gpu_check
+WHEELS=$HERE/wheels
+DATA=$HERE/data
+PY=${PYTHON:-python}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+step() { printf '\n== %s (%ss)\n' "$1" "$SECONDS"; }
+
+prepare() {
+  local source=${DATA_DIR:-../shared/data}
+  mkdir -p "$WHEELS" "$DATA/glue/mrpc"
+  step "wheels -> $WHEELS"
+  local target=()
+  if [[ -n "${GPU_CHECK_PYTHON_VERSION:-}" ]]; then
+    target=(--python-version "$GPU_CHECK_PYTHON_VERSION" --platform manylinux2014_x86_64 --only-binary=:all:)
+  fi
+  # antlr4-python3-runtime is published as a source archive only: built into a (pure-Python) wheel here, since
+  # building it there would need setuptools from an index.
+  grep -v -E '^(#|antlr4)' benchmarks/gpu_check_wheels.txt > "$HERE/binary.txt"
+  $PY -m pip download --no-deps -q -d "$WHEELS" "${target[@]}" -r "$HERE/binary.txt"
+  $PY -m pip wheel --no-deps -q -w "$WHEELS" "$(grep -E '^antlr4' benchmarks/gpu_check_wheels.txt)"
+  ls -1 "$WHEELS"; du -sh "$WHEELS"
+  step "data subset -> $DATA (MRPC: 1,024 train, 256 validation rows)"
+  $PY - "$source" "$DATA" <<'EOF'
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+source, target = Path(sys.argv[1]), Path(sys.argv[2])
+for split, n in (("train", 1024), ("validation", 256)):
+    frame = pd.read_parquet(source / "glue" / "mrpc" / f"{split}.parquet").head(n)
+    frame.to_parquet(target / "glue" / "mrpc" / f"{split}.parquet", index=False)
+    print(split, len(frame), "rows")
+EOF
+}
+
+run() {
+  step "the packages the machine must already have"
+  $PY - <<'EOF'
+import importlib.util
+missing = [m for m in ("torch", "transformers", "peft", "pandas", "pyarrow", "sklearn", "scipy", "matplotlib")
+           if importlib.util.find_spec(m) is None]
+if missing:
+    raise SystemExit(f"missing on this machine: {missing}; gpu_check.sh carries only benchmarks/gpu_check_wheels.txt")
+import torch
+print("torch", torch.__version__, "| CUDA build", torch.version.cuda, "| CUDA available", torch.cuda.is_available())
+EOF
+  step "carried wheels (no index)"
+  [[ -d "$WHEELS" ]] || { echo "no $WHEELS: run 'benchmarks/gpu_check.sh prepare' where an index is reachable, and carry $HERE"; exit 2; }
+  $PY -m pip install -q --no-index --find-links "$WHEELS" -r benchmarks/gpu_check_wheels.txt
+  step "the harness imports and composes"
+  $PY -c "import harness.run, harness.sweep, harness.report; print('harness imports')"
+  $PY -m harness.inspect model=roberta_base model.init=random model.tokenizer=tiny_bpe variant=lora task=mrpc \
+    data.dir="$DATA" | tail -3
+  step "CUDA"
+  if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA device: stopping before the first CUDA-only step (the CUDA tests). Everything above ran."
+    exit 3
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  step "CUDA-only tests"
+  $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+  step "roberta-base shape: LoRA, DoRA, QLoRA x fp32, bf16 (40 steps of 32 x <=128 tokens, length-grouped)"
+  local out
+  out=$(mktemp -d)
+  for variant in lora dora qlora; do
+    for precision in fp32 bf16; do
+      $PY -m harness task=mrpc model=roberta_base model.init=random model.tokenizer=tiny_bpe variant=$variant \
+        data.dir="$DATA" data.cache_dir="$out/cache" results_dir="$out" sweep_name=gpu_check device=cuda \
+        train.precision=$precision train.group_by_length=true train.max_steps=40 train.batch_size=32 \
+        task.max_seq_len=128 save_adapter=false 2>&1 | grep -E "run [0-9a-f]+ (ok|failed|diverged|oom)|Error" || true
+    done
+  done
+  step "results"
+  $PY - "$out/gpu_check" <<'EOF'
+import json, sys
+from harness.results import read_rows
+rows = read_rows(sys.argv[1]).sort_values(["variant", "precision"])
+print(f"{'variant':<7} {'prec':<5} {'status':<7} {'step ms':>8} {'train samples/s':>15} {'peak alloc MiB':>14} "
+      f"{'reserved MiB':>12} {'train pad':>9} {'backend'}")
+for row in rows.to_dict("records"):
+    step_ms = 1e3 * row["train_seconds"] / row["steps"] if row["steps"] else float("nan")
+    backend = json.loads(row["extra_json"] or "{}").get("backend", "")
+    mib = lambda v: f"{v / 2**20:.0f}" if v == v and v is not None else "-"
+    print(f"{row['variant']:<7} {row['precision']:<5} {row['status']:<7} {step_ms:>8.1f} "
+          f"{row['train_samples_per_s'] or float('nan'):>15.1f} {mib(row['cuda_peak_allocated_bytes']):>14} "
+          f"{mib(row['cuda_peak_reserved_bytes']):>12} {row['train_padding_ratio'] or float('nan'):>9.3f} {backend}")
+    if row["status"] != "ok":
+        print("   ", row["error"])
+EOF
+  step "done"
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run) run ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
+esac
