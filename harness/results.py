@@ -58,11 +58,12 @@ SCHEMA = pa.schema(
     # provenance
     + [("git_sha", _S), ("git_dirty", _B), ("versions_json", _S), ("device", _S), ("started_at", _S),
        ("finished_at", _S), ("extra_json", _S)]
+    + [("tracker_run_ids", _S)]  # {tracker: its run's id} as JSON, for logger=tensorboard|mlflow|wandb
 )
 COLUMNS = SCHEMA.names
 
 # Keys that say where or how a run is executed, not what it computes: they never change the run_key.
-NON_SEMANTIC = {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run"}
+NON_SEMANTIC = {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run", "logger"}
 NON_SEMANTIC_DATA = {"dir", "cache_dir"}
 NON_SEMANTIC_TRAIN = {"num_workers", "log_every_steps", "eval_batch_size"}
 
@@ -166,7 +167,47 @@ def read_rows(*dirs: str | Path) -> pd.DataFrame:
         files += sorted(folder.glob("runs/*.parquet")) + sorted(folder.glob("*/runs/*.parquet"))
     if not files:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+    # promote: rows written before a column was added (e.g. tracker_run_ids) read with that column empty
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default").to_pandas()
+
+
+def load_rows(*dirs: str | Path, ok_only: bool = False, flatten_config: bool = False,
+              with_history: bool = False) -> pd.DataFrame:
+    """Every row under the results folders as one DataFrame: `harness.load_rows("results/cpu_glue")`.
+
+    A folder is a sweep's (results/<sweep>) or one holding sweeps (results). `ok_only`: only runs that ended ok.
+    `flatten_config`: the resolved config as columns too, `config.train.lr`, `config.variant.r`, ... (lists stay
+    lists). `with_history`: one line per evaluation, the run's columns repeated beside its history.parquet's
+    (step, epoch, train_loss, score, the metrics; `setting` for DyLoRA's per-rank lines); a run that never
+    evaluated keeps one line with those empty.
+    """
+    from harness.errors import DataError
+
+    if not dirs:
+        raise DataError("give at least one results folder, e.g. load_rows('results/cpu_glue')")
+    missing = [str(d) for d in dirs if not Path(d).is_dir()]
+    if missing:
+        raise DataError(f"results folder {missing[0]!r} does not exist; pass the folder a sweep wrote "
+                        "(results/<sweep_name>) or one holding several sweeps (results)")
+    rows = read_rows(*dirs)
+    if ok_only:
+        rows = rows[rows["status"] == "ok"]
+    rows = rows.reset_index(drop=True)
+    if flatten_config:
+        configs = pd.json_normalize([json.loads(c) if isinstance(c, str) else {} for c in rows["config_json"]],
+                                    sep=".").add_prefix("config.")
+        rows = pd.concat([rows, configs.set_index(rows.index)], axis=1)
+    if with_history:
+        histories = []
+        for sweep, key in zip(rows["sweep"], rows["run_key"]):
+            folders = [Path(d) / "runs" / key for d in dirs] + [Path(d) / sweep / "runs" / key for d in dirs]
+            path = next((f / "history.parquet" for f in folders if (f / "history.parquet").is_file()), None)
+            if path is not None:
+                histories.append(pd.read_parquet(path).assign(sweep=sweep, run_key=key))
+        if histories:
+            rows = rows.merge(pd.concat(histories, ignore_index=True), on=["sweep", "run_key"], how="left",
+                              suffixes=("", "_history"))
+    return rows
 
 
 # ---- provenance ---------------------------------------------------------------------------------------

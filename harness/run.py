@@ -24,7 +24,7 @@ import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from harness import adapters, models, results, tasks
+from harness import adapters, models, results, tasks, trackers
 from harness.checkpoint import save_adapter
 from harness.errors import ConfigError, Diverged, Interrupted, require
 from harness.train import TrainOutcome, resolve_device, resolve_precision, train, validate_train
@@ -142,6 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("skip %s: run %s already has an ok row", describe(cfg), key)
         warn_if_measured_elsewhere(existing, cfg.device)
         return existing
+    trackers.check_installed(cfg)  # a missing tracker package stops the run here, before it has a row
     row = config_columns(cfg, key)
     row["git_sha"], row["git_dirty"] = results.git_state()
     row["started_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -152,6 +153,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("run %s: %s", key, describe(cfg))
     try:
         with interrupts_as_exceptions():
+            outcome.tracker = trackers.Trackers.start(cfg, key, describe(cfg))
+            row["tracker_run_ids"] = outcome.tracker.run_ids()
             validate_top_level(cfg)
             validate_train(cfg.train)
             device = resolve_device(cfg.device)
@@ -226,6 +229,7 @@ def finish(cfg: DictConfig, row: dict[str, Any], outcome: TrainOutcome, artifact
         frames = [df.assign(checkpoint=name) for name, df in outcome.predictions.items()]
         results.atomic_write_parquet(pd.concat(frames, ignore_index=True), artifacts / "predictions.parquet")
     path = results.write_row(cfg.results_dir, cfg.sweep_name, row)
+    outcome.tracker.close(row)
     log.info("run %s %s: %s=%s -> %s", row["run_key"], row["status"], row.get("primary_metric"),
              row.get("score_best"), path)
 
