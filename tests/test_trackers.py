@@ -307,6 +307,40 @@ def test_an_interrupted_run_is_a_killed_mlflow_run(make_cfg, mlflow_store, monke
     assert tracked.info.status == "KILLED" and tracked.data.tags["harness.status"] == "interrupted"
 
 
+@pytest.mark.slow
+def test_joblib_workers_each_log_their_own_tracked_runs_into_one_store(harness_cli, monkeypatch):
+    """Two workers start at once: each opens its own tracked runs, and they create the sweep's SQLite store and
+    MLflow experiment together without a clash."""
+    chosen = installed("tensorboard", "mlflow", "wandb")
+    if not chosen:
+        pytest.skip("no tracker installed (pip install -e '.[trackers]')")
+    for name in ("MLFLOW_TRACKING_URI", "WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    done = harness_cli("task=rte,stsb", "variant=lora", "variant.r=4", "hydra/launcher=joblib",
+                       "hydra.launcher.n_jobs=2", f"logger=[{','.join(chosen)}]")
+    assert done.returncode == 0, done.stderr
+    rows = harness.load_rows(harness_cli.results / "smoke")
+    assert len(rows) == 2 and (rows.status == "ok").all()
+    ids = [json.loads(i) for i in rows.tracker_run_ids]
+    for name in chosen:
+        assert len({i[name] for i in ids}) == 2, f"each run has its own {name} run"
+    if "tensorboard" in chosen:
+        for i, key in zip(ids, rows.run_key):
+            events, _ = tensorboard_events(i["tensorboard"])
+            assert key in i["tensorboard"] and sorted(scalars(events, "eval/epoch")) == [4]
+    if "mlflow" in chosen:
+        from mlflow.tracking import MlflowClient
+
+        store = (harness_cli.results / "smoke" / "mlruns").resolve()
+        client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+        tracked = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+        assert sorted(r.info.run_name for r in tracked) == sorted(rows.run_key)
+        assert {r.info.status for r in tracked} == {"FINISHED"}
+    if "wandb" in chosen:
+        for _, row in rows.iterrows():
+            assert wandb_exit_code(wandb_run(row)) == 0
+
+
 # ---- load_rows ---------------------------------------------------------------------------------------
 def test_load_rows_gives_every_row_as_one_frame_with_config_and_history_on_request(make_cfg):
     ok = run(make_cfg("train.max_steps=6", "train.eval_every_steps=3", "save_adapter=false"))
@@ -339,3 +373,15 @@ def test_rows_written_before_a_column_was_added_read_beside_new_ones(tmp_path):
     results.atomic_write_parquet(old, results.row_path(tmp_path, "s", "old"), old_schema)
     rows = results.read_rows(tmp_path / "s").set_index("run_key")
     assert rows.loc["new", "tracker_run_ids"] == '{"mlflow": "abc"}' and pd.isna(rows.loc["old", "tracker_run_ids"])
+
+
+def test_default_installs_leave_the_trackers_out_and_each_has_its_extra():
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    required = {re.split(r"[<>=!~\[ ;]", d)[0].lower() for d in project["dependencies"]}
+    assert required.isdisjoint({"tensorboard", "mlflow", "mlflow-skinny", "wandb"})
+    extras = project["optional-dependencies"]
+    assert all(extras[name] for name in trackers.TRACKERS)
+    assert extras["trackers"] == [f"harness[{','.join(trackers.TRACKERS)}]"]
