@@ -190,6 +190,9 @@ def load_rows(*dirs: str | Path, ok_only: bool = False, flatten_config: bool = F
         raise DataError(f"results folder {missing[0]!r} does not exist; pass the folder a sweep wrote "
                         "(results/<sweep_name>) or one holding several sweeps (results)")
     rows = read_rows(*dirs)
+    for field in SCHEMA:  # integer columns with gaps stay integers (pandas would make them floats)
+        if pa.types.is_integer(field.type) and field.name in rows:
+            rows[field.name] = rows[field.name].astype("Int64")
     if ok_only:
         rows = rows[rows["status"] == "ok"]
     rows = rows.reset_index(drop=True)

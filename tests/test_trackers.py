@@ -348,6 +348,7 @@ def test_load_rows_gives_every_row_as_one_frame_with_config_and_history_on_reque
     folder = Path(make_cfg().results_dir) / "default"
     everything = harness.load_rows(folder)
     assert sorted(everything.status) == ["failed", "ok"] and list(everything.columns) == results.COLUMNS
+    assert str(everything["rank"].dtype) == "Int64" and str(everything["steps"].dtype) == "Int64"
     assert list(harness.load_rows(folder.parent, ok_only=True).run_key) == [ok["run_key"]]
     flat = harness.load_rows(folder, flatten_config=True).set_index("run_key")
     assert flat.loc[ok["run_key"], "config.train.max_steps"] == 6 and flat.loc[failed["run_key"], "config.variant.r"] == 0
