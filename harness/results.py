@@ -66,6 +66,8 @@ COLUMNS = SCHEMA.names
 NON_SEMANTIC = {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run", "logger"}
 NON_SEMANTIC_DATA = {"dir", "cache_dir"}
 NON_SEMANTIC_TRAIN = {"num_workers", "log_every_steps", "eval_batch_size"}
+# Display names (`label:` in conf/variant and conf/task, read by the report): renaming one changes no number.
+DISPLAY_ONLY = {"variant": {"label"}, "task": {"label"}}
 
 
 # Train keys added after rows were published, with the value that keeps the old behaviour: at that value a key
@@ -80,6 +82,9 @@ def semantic_config(cfg: DictConfig) -> dict[str, Any]:
     full["data"] = {k: v for k, v in full.get("data", {}).items() if k not in NON_SEMANTIC_DATA}
     full["train"] = {k: v for k, v in full.get("train", {}).items()
                      if k not in NON_SEMANTIC_TRAIN and not (k in ADDED_TRAIN_KEYS and v == ADDED_TRAIN_KEYS[k])}
+    for group, keys in DISPLAY_ONLY.items():
+        if isinstance(full.get(group), dict):
+            full[group] = {k: v for k, v in full[group].items() if k not in keys}
     return full
 
 
