@@ -230,8 +230,9 @@ def finish(cfg: DictConfig, row: dict[str, Any], outcome: TrainOutcome, artifact
         results.atomic_write_parquet(pd.concat(frames, ignore_index=True), artifacts / "predictions.parquet")
     path = results.write_row(cfg.results_dir, cfg.sweep_name, row)
     outcome.tracker.close(row)
+    score = row.get("score_best")
     log.info("run %s %s: %s=%s -> %s", row["run_key"], row["status"], row.get("primary_metric"),
-             row.get("score_best"), path)
+             "none" if score is None else f"{score:.4f}", path)
 
 
 def describe(cfg: DictConfig) -> str:

@@ -20,6 +20,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from harness import quiet  # noqa: F401  (first: transformers' scheduler module imports its model code)
 from transformers import get_scheduler
 
 from harness.adapters.base import is_under
