@@ -174,7 +174,8 @@ REPORT_VARIANTS = [("variant=lora", "variant.r=4"), ("variant=lora", "variant.r=
                    ("variant=head",)]
 REPORT_TASKS = ("rte", "stsb")
 REPORT_SEEDS = (0, 1)
-REPORT_BAD = ("task=rte", "variant=lora", "train.schedule=bogus")  # fails at training time: a `failed` row
+REPORT_BAD = ("task=rte", "variant=lora", "train.lr=1e12", "train.max_grad_norm=null",  # diverges: a `diverged`
+              "train.schedule=constant", "train.warmup_ratio=0")                        # row, not a config error
 
 
 @pytest.fixture(scope="session")
@@ -202,7 +203,7 @@ def report_rows_dir(make_cfg, report_rows_root) -> Path:
                                        "sweep_name=report_test", f"results_dir={report_rows_root}")
                         assert run(cfg)["status"] == "ok"
             bad = run(make_cfg(*REPORT_BAD, "sweep_name=report_test", f"results_dir={report_rows_root}"))
-            assert bad["status"] == "failed"
+            assert bad["status"] == "diverged"
         finally:
             torch.set_num_threads(threads)
         (sweep / ".complete").touch()

@@ -185,7 +185,7 @@ def results_grid(table: PaperTable) -> Grid:
         f"standard deviation ({table.max_seeds} seed{'s' if table.max_seeds != 1 else ''} unless n= says fewer). "
         "Every run is scored at its best evaluation (best-epoch selection on the validation set, as in the LoRA "
         f"paper). Metrics: {metrics}; GLUE scores x100. Avg. is the mean of the tasks' first (primary) columns, "
-        "for rows with every task. Bold: best in the column. Underlined: not significantly different from the "
+        f"for rows with every task. Bold: best in the column{' for each model' if len(models) > 1 else ''}. Underlined: not significantly different from the "
         f"bold one — paired bootstrap over validation examples ({table.resamples} resamples, seed {table.seed}, "
         f"all seeds, each resample scored as the median over seeds): the {table.level:.0%} percentile interval of "
         "(best − row) contains 0. Avg. is not tested.")

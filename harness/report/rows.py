@@ -4,6 +4,7 @@ saved predictions and history."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from omegaconf import OmegaConf
 from harness import results as results_io
 from harness.errors import HarnessError
 from harness.report.labels import VARIANT_ORDER
+
+log = logging.getLogger(__name__)
 
 
 class ReportError(HarnessError):
@@ -43,6 +46,11 @@ def load(*dirs: str | Path) -> pd.DataFrame:
             "<dir>/<sweep>/runs/<run_key>.parquet. Run something first, e.g. "
             "`python -m harness +sweep=smoke` (rows go to results/<sweep_name>/runs/)")
     rows = rows.copy()
+    no_score = (rows.status == "ok") & ~np.isfinite(rows.score_best.astype(float))
+    if no_score.any():  # written before the row writer refused them: a NaN score, stored as null
+        log.warning("%d ok rows have no finite score (written by older code); listed as failed", int(no_score.sum()))
+        rows.loc[no_score, "error"] = "NoScore: an ok row without a finite score (older code); run it again"
+        rows.loc[no_score, "status"] = "failed"
     rows["rank"] = rows["rank"].astype("Int64")
     rows["impl"] = rows["impl"].fillna("ours")
     rows["holdout"] = rows["protocol"].fillna("").str.startswith("holdout")
