@@ -344,14 +344,14 @@ def test_joblib_workers_each_log_their_own_tracked_runs_into_one_store(harness_c
 # ---- load_rows ---------------------------------------------------------------------------------------
 def test_load_rows_gives_every_row_as_one_frame_with_config_and_history_on_request(make_cfg):
     ok = run(make_cfg("train.max_steps=6", "train.eval_every_steps=3", "save_adapter=false"))
-    failed = run(make_cfg("variant.r=0"))
+    failed = run(make_cfg(*DIVERGING))  # a row without history
     folder = Path(make_cfg().results_dir) / "default"
     everything = harness.load_rows(folder)
-    assert sorted(everything.status) == ["failed", "ok"] and list(everything.columns) == results.COLUMNS
+    assert sorted(everything.status) == ["diverged", "ok"] and list(everything.columns) == results.COLUMNS
     assert str(everything["rank"].dtype) == "Int64" and str(everything["steps"].dtype) == "Int64"
     assert list(harness.load_rows(folder.parent, ok_only=True).run_key) == [ok["run_key"]]
     flat = harness.load_rows(folder, flatten_config=True).set_index("run_key")
-    assert flat.loc[ok["run_key"], "config.train.max_steps"] == 6 and flat.loc[failed["run_key"], "config.variant.r"] == 0
+    assert flat.loc[ok["run_key"], "config.train.max_steps"] == 6 and flat.loc[failed["run_key"], "config.variant.name"] == "full"
     assert flat.loc[ok["run_key"], "config.variant.targets"] == ["query", "value"]
     long = harness.load_rows(folder, with_history=True)
     assert list(long[long.run_key == ok["run_key"]].step) == [3, 6]
