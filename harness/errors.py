@@ -17,6 +17,11 @@ class HubUnavailable(HarnessError, ConnectionError):
     """The Hugging Face hub is unreachable and the resource is not cached; the message names local overrides."""
 
 
+class MissingExtra(HarnessError, ImportError):
+    """An optional part was asked for (e.g. logger=wandb) but its package is not installed; the message names
+    the extra that installs it."""
+
+
 class Diverged(HarnessError, FloatingPointError):
     """The training loss became NaN or infinite."""
 

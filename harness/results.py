@@ -66,6 +66,7 @@ SCHEMA = pa.schema(
     # provenance
     + [("git_sha", _S), ("git_dirty", _B), ("versions_json", _S), ("device", _S), ("started_at", _S),
        ("finished_at", _S), ("extra_json", _S)]
+    + [("tracker_run_ids", _S)]  # {tracker: its run's id} as JSON, for logger=tensorboard|mlflow|wandb
 )
 COLUMNS = SCHEMA.names
 
@@ -77,7 +78,7 @@ COLUMNS = SCHEMA.names
 # way, every committed row keeps its run_key. Changing anything else here moves keys: bump KEY_VERSION and migrate
 # the committed rows (python -m harness.migrate_keys results).
 KEY_VERSION = 2
-NOT_IN_KEY = {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run",
+NOT_IN_KEY = {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run", "logger",
               "data.dir", "data.cache_dir", "train.num_workers", "train.log_every_steps", "train.eval_batch_size",
               "variant.label", "task.label"}  # labels: display names for tables (renaming one changes no number)
 ADDED_KEYS = {"train.head_lr": None, "train.group_by_length": False}
@@ -284,6 +285,48 @@ def read_rows(*dirs: str | Path, set_aside: bool = False) -> pd.DataFrame:
     # Rows written before a column was added lack it: they read as null there (promote), not as an error.
     frame = pa.concat_tables(tables, promote_options="default").to_pandas()
     return frame.reindex(columns=[*COLUMNS, *(c for c in frame.columns if c not in COLUMNS)])
+
+
+def load_rows(*dirs: str | Path, ok_only: bool = False, flatten_config: bool = False,
+              with_history: bool = False) -> pd.DataFrame:
+    """Every row under the results folders as one DataFrame: `harness.load_rows("results/cpu_glue")`.
+
+    A folder is a sweep's (results/<sweep>) or one holding sweeps (results). `ok_only`: only runs that ended ok.
+    `flatten_config`: the resolved config as columns too, `config.train.lr`, `config.variant.r`, ... (lists stay
+    lists). `with_history`: one line per evaluation, the run's columns repeated beside its history.parquet's
+    (step, epoch, train_loss, score, the metrics; `setting` for DyLoRA's per-rank lines); a run that never
+    evaluated keeps one line with those empty.
+    """
+    from harness.errors import DataError
+
+    if not dirs:
+        raise DataError("give at least one results folder, e.g. load_rows('results/cpu_glue')")
+    missing = [str(d) for d in dirs if not Path(d).is_dir()]
+    if missing:
+        raise DataError(f"results folder {missing[0]!r} does not exist; pass the folder a sweep wrote "
+                        "(results/<sweep_name>) or one holding several sweeps (results)")
+    rows = read_rows(*dirs)
+    for field in SCHEMA:  # integer columns with gaps stay integers (pandas would make them floats)
+        if pa.types.is_integer(field.type) and field.name in rows:
+            rows[field.name] = rows[field.name].astype("Int64")
+    if ok_only:
+        rows = rows[rows["status"] == "ok"]
+    rows = rows.reset_index(drop=True)
+    if flatten_config:
+        configs = pd.json_normalize([json.loads(c) if isinstance(c, str) else {} for c in rows["config_json"]],
+                                    sep=".").add_prefix("config.")
+        rows = pd.concat([rows, configs.set_index(rows.index)], axis=1)
+    if with_history:
+        histories = []
+        for sweep, key in zip(rows["sweep"], rows["run_key"]):
+            folders = [Path(d) / "runs" / key for d in dirs] + [Path(d) / sweep / "runs" / key for d in dirs]
+            path = next((f / "history.parquet" for f in folders if (f / "history.parquet").is_file()), None)
+            if path is not None:
+                histories.append(pd.read_parquet(path).assign(sweep=sweep, run_key=key))
+        if histories:
+            rows = rows.merge(pd.concat(histories, ignore_index=True), on=["sweep", "run_key"], how="left",
+                              suffixes=("", "_history"))
+    return rows
 
 
 def check_writable(results_dir: str | Path, sweep: str) -> None:

@@ -27,7 +27,7 @@ import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from harness import adapters, models, results, tasks
+from harness import adapters, models, results, tasks, trackers
 from harness.checkpoint import save_adapter
 from harness.errors import ConfigError, Diverged, HarnessError, Interrupted, NoScore, require
 from harness.train import (TrainOutcome, concrete_precision, padding_ratio, resolve_device, resolve_precision, train,
@@ -174,6 +174,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("skip %s: run %s already has an ok row", describe(cfg), key)
         warn_if_measured_elsewhere(existing, cfg.device)
         return existing
+    trackers.check_installed(cfg)  # a missing tracker package stops the run here, before it has a row
     results.check_writable(cfg.results_dir, cfg.sweep_name)
     row = config_columns(cfg, key)
     row["data_fingerprint"] = results.data_fingerprint(cfg)
@@ -187,6 +188,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("run %s: %s", key, describe(cfg))
     try:
         with interrupts_as_exceptions():
+            outcome.tracker = trackers.Trackers.start(cfg, key, describe(cfg))
+            row["tracker_run_ids"] = outcome.tracker.run_ids()
             validate_top_level(cfg)
             validate_train(cfg.train)
             device = resolve_device(cfg.device)
@@ -332,6 +335,7 @@ def finish(cfg: DictConfig, row: dict[str, Any], outcome: TrainOutcome, artifact
         results.atomic_write_parquet(pd.concat(frames, ignore_index=True), artifacts / "predictions.parquet")
     row["wall_seconds"] = time.time() - outcome.started_at  # up to the row's writing, the history's included
     path = results.write_row(cfg.results_dir, cfg.sweep_name, row)
+    outcome.tracker.close(row)
     score = row.get("score_best")
     log.info("run %s %s: %s=%s -> %s", row["run_key"], row["status"], row.get("primary_metric"),
              "none" if score is None else f"{score:.4f}", path)

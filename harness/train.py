@@ -27,6 +27,7 @@ from transformers import get_scheduler
 from harness.adapters.base import is_under
 from harness.checkpoint import adapter_state
 from harness.errors import ConfigError, Diverged, require
+from harness.trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class TrainOutcome:
     started_at: float = field(default_factory=time.time)  # the run's wall clock start (run() sets it)
     first_step_at: float | None = None  # time.time() when the first training batch was about to run
     memory: dict[str, Any] = field(default_factory=dict)
+    tracker: Trackers = field(default_factory=Trackers)  # where the loop's numbers are also sent (logger=...)
 
 
 # ---- batches -----------------------------------------------------------------------------------------
@@ -428,6 +430,8 @@ def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed
             if step % cfg.log_every_steps == 0:
                 log.info("step %d/%d loss %.4f lr %s", step, total_steps, running_loss / running_n,
                          learning_rates(optimizer))
+                outcome.tracker.log_train(step, running_loss / running_n, optimizer.param_groups, outcome.train_samples,
+                                          outcome.train_tokens, outcome.train_seconds + time.perf_counter() - clock)
             done = step >= total_steps
             if (cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or end_of_epoch or done:
                 outcome.train_seconds += time.perf_counter() - clock
@@ -577,6 +581,7 @@ def evaluate_and_record(model, task, eval_sets, collate, variant, cfg, device, a
             outcome.setting_scores[label] = setting_metrics[task.primary_metric]
             outcome.history.append({"step": step, "epoch": epoch, "setting": label,
                                     "score": setting_metrics[task.primary_metric], **setting_metrics})
+    outcome.tracker.log_eval(step, epoch, {label: setting_metrics for label, (setting_metrics, _) in results.items()})
     log.info("eval step %d epoch %.2f: %s=%.4f %s", step, epoch, task.primary_metric, score,
              {k: round(v, 4) for k, v in metrics.items()})
     outcome.last = entry

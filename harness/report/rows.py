@@ -39,7 +39,7 @@ def load(*dirs: str | Path) -> pd.DataFrame:
         if not folder.is_dir():
             raise ReportError(f"results folder {str(folder)!r} does not exist; pass the folder a sweep wrote "
                               "(results/<sweep_name>) or one holding several sweeps (results)")
-    rows = results_io.read_rows(*dirs)
+    rows = results_io.load_rows(*dirs)  # the rows the notebook and harness.load_rows give
     if rows.empty:
         raise ReportError(
             f"no results rows under {', '.join(map(str, dirs))}: expected <dir>/runs/<run_key>.parquet or "
