@@ -322,6 +322,40 @@ def test_dylora_samples_every_rank_from_the_generator(make_cfg):
     assert drawn == {1, 2, 3, 4}
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+def test_dylora_frozen_mode_trains_only_the_sampled_component_as_the_reference_does(make_cfg, frozen):
+    """The reference (DyLoRA/loralib/DyLoRA.py, `dynamic.forward` with frozen=True) detaches components 1..b-1:
+    a step at rank b sends gradient to row b of A and column b of B only. frozen=false trains all b leading ones."""
+    model, variant, _ = build(make_cfg("variant=dylora", "variant.r=4", f"variant.frozen={str(frozen).lower()}"))
+    perturb(model)  # B off zero, so A gets gradient too
+    ids, labels = ids_and_labels()
+    model.train()
+    for b in (1, 3, 4):
+        variant.set_rank(model, b)
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=labels).loss.backward()
+        for _, layer in adapters.adapter_layers(model):
+            rows_with_grad = layer.lora_A.grad.abs().sum(1).nonzero().flatten().tolist()
+            cols_with_grad = layer.lora_B.grad.abs().sum(0).nonzero().flatten().tolist()
+            expected = [b - 1] if frozen else list(range(b))
+            assert rows_with_grad == expected and cols_with_grad == expected, (b, rows_with_grad, cols_with_grad)
+
+
+def test_dylora_frozen_mode_keeps_the_forward_of_all_b_leading_components(make_cfg):
+    """Detaching changes the gradient, not the output: both modes compute (alpha / b) B[:, :b] A[:b] x."""
+    frozen, variant, _ = build(make_cfg("variant=dylora", "variant.r=4", "variant.frozen=true"))
+    free, _, _ = build(make_cfg("variant=dylora", "variant.r=4", "variant.frozen=false"))
+    perturb(frozen), free.load_state_dict(frozen.state_dict())
+    ids, _ = ids_and_labels()
+    frozen.train(), free.train()
+    for model in (frozen, free):
+        variant.set_rank(model, 3)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    torch.testing.assert_close(frozen(input_ids=ids).logits, free(input_ids=ids).logits)
+
+
 def test_vera_matrices_are_one_tensor_and_the_same_for_the_same_seed(make_cfg):
     cfg = make_cfg("variant=vera", "variant.r=32", "variant.seed=7")
     model, variant, _ = build(cfg)
