@@ -158,6 +158,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             resolve_precision(cfg.train.precision, device)
             row["device"] = describe_device(device)
             variant = adapters.build(cfg.variant)
+            variant.device = device
             task = tasks.get(cfg.task, cfg.data)
             row["primary_metric"] = task.primary_metric
             row["protocol"] = task.protocol_description()

@@ -168,6 +168,45 @@ def test_glue_variants_runs_vera_once_per_task_and_seed_with_its_papers_recipe()
                     ["task=rte", "variant=lora", "variant.r=16"], ["task=rte", "variant=full", "recipe=fairseq_roberta"]]
 
 
+QUANTIZATION_KEYS = {"name", "quant", "double_quant", "block_size", "scaler_block_size", "backend", "compute_dtype"}
+
+
+@pytest.mark.parametrize("name", ["glue_variants", "cpu_glue"])
+def test_in_the_comparison_sweeps_qlora_differs_from_lora_only_by_the_quantized_base(name):
+    """The qlora column must measure quantization: same targets, r, alpha, dropout and training as LoRA's."""
+    sweep_file = OmegaConf.load(REPO / "conf" / "sweep" / f"{name}.yaml")
+    when = {condition: extra for condition, extra in OmegaConf.to_container(sweep_file.hydra.sweeper.when).items()
+            if not condition.startswith("variant=") or condition in ("variant=lora", "variant=qlora")}
+    ranks = str(sweep_file.hydra.sweeper.params["variant.r"]).split(",")
+    tasks = str(sweep_file.hydra.sweeper.params.task).split(",")
+    jobs = sweep.expand_jobs(grid(task=tasks, variant=["lora", "qlora"], **{"variant.r": ranks}), "lora",
+                             ["variant.r"], when)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        configs = {tuple(job): OmegaConf.to_container(compose(config_name="config", overrides=[f"+sweep={name}", *job]),
+                                                      resolve=True) for job in jobs}
+    pairs = 0
+    for job, qlora in configs.items():
+        if "variant=qlora" not in job:
+            continue
+        lora = configs[tuple("variant=lora" if o == "variant=qlora" else o for o in job)]
+        assert {k: v for k, v in qlora.items() if k != "variant"} == {k: v for k, v in lora.items() if k != "variant"}
+        assert set(qlora["variant"]) - set(lora["variant"]) <= QUANTIZATION_KEYS
+        assert {k: v for k, v in qlora["variant"].items() if k not in QUANTIZATION_KEYS} == \
+            {k: v for k, v in lora["variant"].items() if k != "name"}
+        pairs += 1
+    assert pairs == len(tasks) * len(ranks)
+
+
+def test_recipe_qlora_paper_gives_the_qlora_papers_adapter_over_the_lora_papers_training():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        paper = compose(config_name="config", overrides=["recipe=qlora_paper", "variant=qlora", "task=mrpc"])
+        lora = compose(config_name="config", overrides=["recipe=lora_paper", "variant=qlora", "task=mrpc"])
+    variant = paper.variant
+    assert (variant.r, variant.alpha, variant.dropout, variant.all_linear) == (64, 16, 0.1, True)
+    assert (lora.variant.r, lora.variant.alpha, lora.variant.dropout, lora.variant.all_linear) == (8, 8, 0.0, False)
+    assert paper.train == lora.train and paper.task == lora.task
+
+
 def test_recipes_follow_the_papers():
     def train(*overrides):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
