@@ -7,7 +7,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness import results, sweep
+from harness import results, sweep, warm_start
 from harness.errors import ConfigError, Interrupted
 from harness.run import run
 from harness.sweep import RunFailed
@@ -29,6 +29,7 @@ def main(cfg: DictConfig) -> float:
     """
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    cfg = warm_start.resolve(cfg)  # init_from=task=<name> -> the source's run_key (the sweeper resolves it earlier)
     if cfg.dry_run:
         if multirun:
             raise ConfigError("dry_run=true lists a grid sweep's jobs without launching them, which only the "

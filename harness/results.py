@@ -40,12 +40,15 @@ SCHEMA = pa.schema(
     + [("task", _S), ("variant", _S), ("impl", _S), ("rank", _I), ("alpha", _F), ("seed", _I), ("model", _S),
        ("lr", _F), ("schedule", _S), ("warmup_steps", _I), ("batch_size", _I), ("grad_accum", _I), ("epochs", _F),
        ("max_steps", _I), ("max_seq_len", _I), ("targets", _S), ("targeted_modules", _I), ("precision", _S),
-       ("protocol", _S), ("train_examples", _I), ("eval_examples", _I), ("config_json", _S)]
+       ("protocol", _S), ("train_examples", _I), ("eval_examples", _I), ("init_from", _S), ("config_json", _S)]
     # sizes
     + [("trainable_params", _I), ("trainable_params_no_head", _I), ("head_params", _I), ("total_params", _I),
        ("adapter_bytes", _I), ("base_weight_bytes", _I)]
     # scores
     + [("primary_metric", _S), ("score_best", _F), ("score_last", _F), ("best_epoch", _F), ("best_step", _I)]
+    # train.selection (eval_best | last | heldout), the score of the evaluation it picks, and whether that
+    # checkpoint's predictions are constant (one class, or zero variance): a degenerate run
+    + [("selection", _S), ("score_selected", _F), ("selected_step", _I), ("degenerate", _B)]
     + [(f"metric_{m}", _F) for m in METRIC_NAMES]
     + [("last_metrics_json", _S), ("rank_scores_json", _S)]  # DyLoRA: {rank: primary metric} at the last eval
     # speed
@@ -69,7 +72,10 @@ NON_SEMANTIC_TRAIN = {"num_workers", "log_every_steps", "eval_batch_size"}
 
 # Train keys added after rows were published, with the value that keeps the old behaviour: at that value a key
 # stays out of the hash, so adding it leaves every existing row's run_key (and so resuming its sweep) intact.
-ADDED_TRAIN_KEYS = {"head_lr": None}
+ADDED_TRAIN_KEYS = {"head_lr": None, "selection": "eval_best"}
+# The same for keys elsewhere, by dotted path (a variant key is dropped only at that value, so dylora's
+# frozen=false, the old mode, keeps the old rows' keys while frozen=true, a new computation, gets new ones).
+ADDED_KEYS = {"init_from": None, "variant.frozen": False, "data.selection_fraction": 0.1}
 
 
 def semantic_config(cfg: DictConfig) -> dict[str, Any]:
@@ -79,6 +85,13 @@ def semantic_config(cfg: DictConfig) -> dict[str, Any]:
     full["data"] = {k: v for k, v in full.get("data", {}).items() if k not in NON_SEMANTIC_DATA}
     full["train"] = {k: v for k, v in full.get("train", {}).items()
                      if k not in NON_SEMANTIC_TRAIN and not (k in ADDED_TRAIN_KEYS and v == ADDED_TRAIN_KEYS[k])}
+    for path, old_value in ADDED_KEYS.items():
+        *parents, leaf = path.split(".")
+        section = full
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
+        if isinstance(section, dict) and leaf in section and section[leaf] == old_value:
+            del section[leaf]
     return full
 
 

@@ -10,7 +10,7 @@ from transformers import DataCollatorWithPadding
 from harness.errors import require
 from harness.metrics import glue_metrics
 from harness.tasks import register_kind
-from harness.tasks.base import Task
+from harness.tasks.base import Task, shared_value_groups
 
 
 @register_kind("glue")
@@ -43,6 +43,7 @@ class GlueTask(Task):
 
     def datasets(self, tokenizer, seed: int):
         train_raw, evals_raw = self.train_and_eval_raw()
+        self.train_raw = train_raw  # its texts group the rows for train.selection=heldout
         train = self.cached(tokenizer, "train", train_raw, lambda r: self.encode(tokenizer, r))
         evals = {name: self.cached(tokenizer, name, raw, lambda r: self.encode(tokenizer, r))
                  for name, raw in evals_raw.items()}
@@ -53,6 +54,11 @@ class GlueTask(Task):
         train = self.limit(train, "max_train_samples")
         evals = {name: self.limit(ds, "max_eval_samples") for name, ds in evals.items()}
         return train, evals
+
+    def text_groups(self, train: datasets.Dataset):
+        position = {idx: row for row, idx in enumerate(self.train_raw["idx"])}
+        rows = self.train_raw.select([position[idx] for idx in train["idx"]])
+        return shared_value_groups(rows.select_columns(list(self.cfg.text_columns)).to_pandas())
 
     def collate(self, tokenizer):
         pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
