@@ -43,7 +43,7 @@ from omegaconf import OmegaConf
 
 from harness import results as results_io
 from harness.errors import HarnessError
-from harness.metrics import glue_metrics
+from harness.metrics import constant_predictions, glue_metrics
 
 
 class ReportError(HarnessError):
@@ -119,6 +119,106 @@ def load(*dirs: str | Path) -> pd.DataFrame:
                                                     int(rows.seed.iloc[i]) if pd.notna(rows.seed.iloc[i]) else -1,
                                                     rows.run_key.iloc[i]))
     return rows.iloc[order].reset_index(drop=True)
+
+
+# Which evaluation a table reports (`--selection`): the predictions' checkpoint name and the row's score column.
+SELECTIONS = {"eval_best": ("best", "score_best"), "last": ("last", "score_last"), "heldout": ("selected", "score_selected")}
+SELECTION_CAPTIONS = {
+    "eval_best": "Every run is scored at its best evaluation on the reported validation split (eval_best: the LoRA "
+                 "paper's protocol, optimistic: the maximum over a run's evaluations)",
+    "last": "Every run is scored at its last evaluation (--selection last: no selection on the reported split)",
+    "heldout": "Every run is scored at the evaluation that scored best on a held-out slice of its training data "
+               "(--selection heldout; runs trained with train.selection=heldout only)",
+}
+
+
+def apply_selection(rows: pd.DataFrame, selection: str = "eval_best") -> pd.DataFrame:
+    """`rows` with metric_* (and score_best, which the plots read) taken at the evaluation `selection` names, and
+    the columns `checkpoint` (the predictions to test and to check for constancy) and `degenerate`.
+
+    eval_best keeps the rows as written; last reads each row's last_metrics_json; heldout keeps the rows trained
+    with train.selection=heldout and reads their history at the selected step. `degenerate` is recomputed from
+    the saved predictions at that checkpoint, so rows written before the column existed get it too."""
+    if selection not in SELECTIONS:
+        raise ReportError(f"--selection {selection!r}: use one of {', '.join(SELECTIONS)}")
+    checkpoint, score = SELECTIONS[selection]
+    rows = rows.copy()
+    for column in ("selection", "score_selected", "selected_step", "degenerate", "last_metrics_json"):
+        if column not in rows:
+            rows[column] = None
+    ok = rows.status == "ok"
+    if selection == "heldout":
+        rows = rows[~ok | (rows.selection == "heldout")].copy()
+        ok = rows.status == "ok"
+    metric_columns = [c for c in rows if c.startswith("metric_")]
+    for i in rows.index[ok]:
+        values = None
+        if selection == "last" and isinstance(rows.at[i, "last_metrics_json"], str):
+            values = json.loads(rows.at[i, "last_metrics_json"])
+        elif selection == "heldout":
+            history = Path(rows.at[i, "artifacts"]) / "history.parquet"
+            if history.exists():
+                frame = pd.read_parquet(history)
+                frame = frame[frame["setting"].isna()] if "setting" in frame else frame
+                hit = frame[frame.step == rows.at[i, "selected_step"]]
+                values = hit.iloc[0].to_dict() if len(hit) else None
+        if values is not None:
+            for column in metric_columns:
+                rows.at[i, column] = values.get(column.removeprefix("metric_"))
+        if selection != "eval_best":
+            rows.at[i, "score_best"] = rows.at[i, score]  # the plots and the rank curve read score_best
+    rows["checkpoint"] = checkpoint
+    rows["degenerate"] = [degenerate_at(a, checkpoint, d if (sel or "eval_best") == selection else None)
+                          if status == "ok" else None
+                          for a, status, d, sel in zip(rows.artifacts, rows.status, rows.degenerate, rows.selection)]
+    return rows
+
+
+def degenerate_at(artifacts: str | Path, checkpoint: str, recorded=None) -> bool | None:
+    """Whether the run's predictions at `checkpoint` are constant (harness.metrics.constant_predictions); the
+    row's own `degenerate` when the predictions were not saved."""
+    frame = read_predictions(artifacts, checkpoint)
+    if frame is None or frame.empty:
+        return None if recorded is None or pd.isna(recorded) else bool(recorded)
+    return constant_predictions(frame)
+
+
+def budget_warnings(ok: pd.DataFrame) -> list[str]:
+    """One line per task whose rows trained on different budgets (epochs, steps, max length, training rows)."""
+    def budget(config: str) -> str:
+        cfg = json.loads(config)
+        train, data = cfg.get("train", {}), cfg.get("data", {})
+        parts = {"epochs": train.get("epochs") if train.get("max_steps") is None else None,
+                 "max_steps": train.get("max_steps"), "max_seq_len": cfg.get("task", {}).get("max_seq_len"),
+                 "max_train_samples": data.get("max_train_samples")}
+        return ", ".join(f"{k}={v}" for k, v in parts.items() if v is not None)
+
+    lines = []
+    for task, part in ok.groupby("task", sort=False):
+        budgets = part.assign(budget=[budget(c) for c in part.config_json]).groupby("budget").variant.agg(
+            lambda v: ", ".join(sorted(set(v))))
+        if len(budgets) > 1:
+            lines.append(f"Training budgets differ on {TASK_LABELS.get(task, task)}: "
+                         + "; ".join(f"{b} ({v})" for b, v in budgets.items()))
+    return lines
+
+
+def inflation_table(rows: pd.DataFrame) -> str:
+    """Markdown: per variant (row) and task (column), the median over seeds of score_best − score_last in points
+    (x100 for GLUE): how much the papers' eval_best protocol adds over reporting the last evaluation."""
+    ok = ok_rows(rows)
+    tasks = sorted(set(ok.task), key=task_position)
+    lines = ["| Method | r | " + " | ".join(TASK_LABELS.get(t, t) for t in tasks) + " | Mean |",
+             "|:---|---:|" + "---:|" * (len(tasks) + 1)]
+    for group, part in ok.groupby("group", sort=False):
+        gaps = [((p.score_best - p.score_last) * task_scale(ok, t)).median()
+                for t in tasks for p in [part[part.task == t]]]
+        first = part.iloc[0]
+        rank = "–" if pd.isna(first["rank"]) else str(int(first["rank"]))
+        lines.append(f"| {variant_label(first.variant)} | {rank} | "
+                     + " | ".join("–" if pd.isna(g) else f"{g:.1f}" for g in gaps)
+                     + f" | {np.nanmean(gaps):.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def find_artifacts(dirs: Sequence[str | Path], sweep: str, key: str) -> Path:
@@ -459,6 +559,9 @@ class PaperTable:
     resamples: int
     level: float
     seed: int
+    selection: str = "eval_best"
+    degenerate_runs: int = 0  # ok runs whose predictions at the table's checkpoint are constant
+    budgets: list[str] = field(default_factory=list)  # tasks whose rows trained on different budgets
 
     def cell(self, group: str, label: str) -> pd.Series | None:
         hit = self.cells[(self.cells.group == group) & (self.cells.column == label)]
@@ -494,10 +597,14 @@ def paper_table(rows: pd.DataFrame, extra_metrics: bool = False, resamples: int 
                           "min": values.min() if len(values) else np.nan,
                           "max": values.max() if len(values) else np.nan,
                           "seeds": ";".join(f"{int(s)}:{v:.6f}" for s, v in zip(part.seed[values.index], values)),
-                          "holdout": bool(part.holdout.any())})
+                          "holdout": bool(part.holdout.any()),
+                          "degenerate": int((part.degenerate == True).sum()) if "degenerate" in part else 0})  # noqa: E712
     cells = pd.DataFrame(cells)
     # Float noise (an MCC of -1e-17) must neither pick the bold cell nor print as -0.0.
     cells[["median", "std", "min", "max"]] = cells[["median", "std", "min", "max"]].round(9) + 0.0
+    # A column where every run of every row is degenerate measures nothing: greyed out, left out of the average.
+    cells["dead"] = cells.groupby("column")[["degenerate", "n_seeds"]].transform("sum").pipe(
+        lambda sums: sums.degenerate.ge(sums.n_seeds) & sums.n_seeds.gt(0))
     cells = pd.concat([cells, average_cells(cells, groups)], ignore_index=True)
     cells = cells.merge(groups[["group", "model"]], on="group")
     cells["best"] = cells.groupby(["model", "column"])["median"].transform("max").eq(cells["median"])
@@ -507,8 +614,11 @@ def paper_table(rows: pd.DataFrame, extra_metrics: bool = False, resamples: int 
     cells = cells.sort_values(["group", "column"], key=lambda s: s.map(order) if s.name == "group"
                               else s.map({label: i for i, label in enumerate(labels)})).reset_index(drop=True)
     protocols = sorted(set(ok.protocol[ok.holdout].dropna()))
+    selection = str(ok.checkpoint.iloc[0]) if "checkpoint" in ok else "best"
+    selection = {checkpoint: name for name, (checkpoint, _) in SELECTIONS.items()}.get(selection, "eval_best")
+    degenerate = int((ok.degenerate == True).sum()) if "degenerate" in ok else 0  # noqa: E712
     return PaperTable(columns, groups, cells, failures(rows), int(cells.n_seeds.max()), head_note(ok), protocols,
-                      untested, resamples, level, seed)
+                      untested, resamples, level, seed, selection, degenerate, budget_warnings(ok))
 
 
 def group_frame(ok: pd.DataFrame) -> pd.DataFrame:
@@ -524,7 +634,7 @@ def group_frame(ok: pd.DataFrame) -> pd.DataFrame:
 
 def average_cells(cells: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
     """Avg.: the mean of a row's primary-metric medians, only for rows that have every task of the table."""
-    primary = cells[cells.primary]
+    primary = cells[cells.primary & ~cells.get("dead", False)]
     tasks = set(primary.task)
     out = []
     for group in groups.group:
@@ -533,7 +643,8 @@ def average_cells(cells: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
         out.append({"group": group, "column": "Avg.", "task": "", "metric": "average", "primary": False,
                     "n_seeds": int(mine.n_seeds.min()) if len(mine) else 0,
                     "median": float(mine["median"].mean()) if complete else np.nan, "std": np.nan,
-                    "min": np.nan, "max": np.nan, "seeds": "", "holdout": bool(mine.holdout.any())})
+                    "min": np.nan, "max": np.nan, "seeds": "", "holdout": bool(mine.holdout.any()),
+                    "degenerate": 0, "dead": False})
     return pd.DataFrame(out)
 
 
@@ -546,9 +657,11 @@ def mark_ties(cells: pd.DataFrame, ok: pd.DataFrame, columns: list[Column], resa
     untested = []
     cache: dict[tuple[str, str | None], pd.DataFrame | None] = {}
 
+    checkpoint = str(ok.checkpoint.iloc[0]) if "checkpoint" in ok and len(ok) else "best"  # --selection
+
     def predictions(artifacts: str, split: str | None):
         if (artifacts, split) not in cache:
-            cache[(artifacts, split)] = read_predictions(artifacts, "best", split)
+            cache[(artifacts, split)] = read_predictions(artifacts, checkpoint, split)
         return cache[(artifacts, split)]
 
     for column in columns:
@@ -614,6 +727,8 @@ class Cell:
     underline: bool = False
     dagger: bool = False
     note: str = ""
+    degenerate: bool = False  # ° : some run of the cell predicts a constant
+    grey: bool = False  # a column where every run is degenerate
 
 
 @dataclass
@@ -672,8 +787,9 @@ def markdown(grid: Grid) -> str:
             text = f"**{text}**"
         text += f" ± {cell.std}" if cell.std else ""
         text += "†" if cell.dagger else ""
+        text += "°" if cell.degenerate else ""
         text += f" ({cell.note})" if cell.note else ""
-        return text
+        return f'<span style="color:gray">{text}</span>' if cell.grey else text
 
     aligns = {"l": ":---", "r": "---:", "c": ":---:"}
     lines = [f"**Table.** {grid.caption}", ""] if grid.caption else []
@@ -708,8 +824,9 @@ def latex(grid: Grid) -> str:
             text = rf"\textbf{{{text}}}"
         text += rf"$_{{\pm {cell.std}}}$" if cell.std else ""
         text += r"$^\dagger$" if cell.dagger else ""
+        text += r"$^\circ$" if cell.degenerate else ""
         text += rf"\textsuperscript{{{latex_escape(cell.note)}}}" if cell.note else ""
-        return text
+        return rf"\textcolor{{gray}}{{{text}}}" if cell.grey else text
 
     lines = [r"% generated by python -m harness.report; needs \usepackage{booktabs}", r"\begin{table}[t]",
              r"\centering", r"\small", rf"\begin{{tabular}}{{{grid.align}}}", r"\toprule",
@@ -765,7 +882,8 @@ def results_grid(table: PaperTable) -> Grid:
             note = f"n={int(cell.n_seeds)}" if label != "Avg." and cell.n_seeds < table.max_seeds else ""
             line.append(Cell(fixed(cell["median"]), std="" if pd.isna(cell["std"]) else fixed(cell["std"]),
                              bold=bool(cell.best), underline=bool(pd.notna(cell.tied) and cell.tied and not cell.best),
-                             dagger=bool(cell.holdout) and label not in holdout_columns, note=note))
+                             dagger=bool(cell.holdout) and label not in holdout_columns, note=note,
+                             degenerate=bool(cell.get("degenerate", 0)), grey=bool(cell.get("dead", False))))
         body.append(line)
     models = sorted(set(table.groups.model))
     metrics = "; ".join(f"{TASK_LABELS.get(t, t)} {describe_metrics(table.columns, t)}"
@@ -773,13 +891,19 @@ def results_grid(table: PaperTable) -> Grid:
     caption = (
         f"Results of {', '.join(models)} on the validation sets: each cell is the median over seeds ± the sample "
         f"standard deviation ({table.max_seeds} seed{'s' if table.max_seeds != 1 else ''} unless n= says fewer). "
-        "Every run is scored at its best evaluation (best-epoch selection on the validation set, as in the LoRA "
-        f"paper). Metrics: {metrics}; GLUE scores x100. Avg. is the mean of the tasks' first (primary) columns, "
+        f"{SELECTION_CAPTIONS[table.selection]}. "
+        f"Metrics: {metrics}; GLUE scores x100. Avg. is the mean of the tasks' first (primary) columns, "
         "for rows with every task. Bold: best in the column. Underlined: not significantly different from the "
         f"bold one — paired bootstrap over validation examples ({table.resamples} resamples, seed {table.seed}, "
         f"all seeds, each resample scored as the median over seeds): the {table.level:.0%} percentile interval of "
         "(best − row) contains 0. Avg. is not tested.")
     notes = [table.head_note]
+    dead = sorted(set(table.cells.column[table.cells.get("dead", False) == True]))  # noqa: E712
+    notes.append(f"° {table.degenerate_runs} run(s) predict a constant on the evaluation split (one class, or zero "
+                 "variance): a degenerate run, scored at the majority class (MCC 0, correlation undefined); ° marks "
+                 "the cells that hold one." + (f" Greyed out and left out of Avg.: {', '.join(dead)}, where every "
+                                              "run is degenerate." if dead else ""))
+    notes += [f"Warning: {line}." for line in table.budgets]
     if table.protocols:
         notes.append("† Non-standard protocol (data.protocol=holdout), not comparable with published dev-set scores: "
                      + " | ".join(table.protocols))
@@ -1356,9 +1480,11 @@ def planned_plots(rows: pd.DataFrame, table: PaperTable, efficiency: pd.DataFram
 
 
 # ---- writing and checking ----------------------------------------------------------------------------
-def build(rows: pd.DataFrame, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
-          ) -> tuple[dict[str, str], dict[str, Callable]]:
-    """Every text output ({file name: content}) and the plots ({name: draw()}) for `rows`."""
+def build(rows: pd.DataFrame, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL,
+          selection: str = "eval_best") -> tuple[dict[str, str], dict[str, Callable]]:
+    """Every text output ({file name: content}) and the plots ({name: draw()}) for `rows`, scored at the
+    evaluation `selection` names (eval_best, the papers' protocol; last; heldout)."""
+    rows = apply_selection(rows, selection)
     table = paper_table(rows, resamples=resamples, seed=seed, level=level)
     full = paper_table(rows, extra_metrics=True, resamples=resamples, seed=seed, level=level)
     efficiency = efficiency_frame(rows)
@@ -1394,11 +1520,11 @@ def index_page(rows: pd.DataFrame, texts: Mapping[str, str], plots: Mapping[str,
 
 
 def write_report(dirs: Sequence[str | Path], out: str | Path | None = None, plots: bool = True,
-                 resamples: int = RESAMPLES, seed: int = SEED) -> Path:
+                 resamples: int = RESAMPLES, seed: int = SEED, selection: str = "eval_best") -> Path:
     """Write the tables (and plots) for the rows under `dirs` into `out` (default `<dir>/report`)."""
     out = default_out(dirs) if out is None else Path(out)
     rows = load(*dirs)
-    texts, drawings = build(rows, resamples, seed)
+    texts, drawings = build(rows, resamples, seed, selection=selection)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
         (out / name).write_text(text)
@@ -1447,14 +1573,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples (default %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED, help="bootstrap seed (default %(default)s)")
+    parser.add_argument("--selection", choices=list(SELECTIONS), default="eval_best",
+                        help="which evaluation each run is scored at: eval_best (the papers' protocol, default), last, "
+                             "or heldout (runs trained with train.selection=heldout); the caption says which")
+    parser.add_argument("--inflation", action="store_true",
+                        help="print, per variant and task, how many points eval_best adds over last, and exit")
     args = parser.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
     try:
+        if args.inflation:
+            print(inflation_table(load(*args.dirs)), end="")
+            return 0
         if args.check:
             return 0 if check(args.dirs, args.out, args.resamples, args.seed) else 1
-        out = write_report(args.dirs, args.out, not args.no_plots, args.resamples, args.seed)
+        out = write_report(args.dirs, args.out, not args.no_plots, args.resamples, args.seed, args.selection)
     except ReportError as err:
         print(f"harness.report: {err}", file=sys.stderr)
         return 2

@@ -337,3 +337,50 @@ def test_notebook_runs_headless(results_dir, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert any("Full FT" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+
+
+# ---- selection and degenerate runs (issue 14) -------------------------------------------------------
+def test_selection_switch_scores_every_run_at_the_last_evaluation_and_says_so(results_dir):
+    rows = report.load(results_dir)
+    last = report.apply_selection(rows, "last")
+    ok = last[last.status == "ok"]
+    for row in ok.itertuples():
+        recorded = json.loads(row.last_metrics_json)
+        assert row.metric_accuracy == recorded.get("accuracy") or pd.isna(row.metric_accuracy)
+        assert row.score_best == row.score_last
+    table = report.paper_table(last, resamples=50)
+    assert table.selection == "last"
+    assert "--selection last" in report.markdown(report.results_grid(table))
+    best = report.results_grid(report.paper_table(report.apply_selection(rows), resamples=50))
+    assert "eval_best" in best.caption
+    with pytest.raises(report.ReportError, match="--selection"):
+        report.apply_selection(rows, "best")
+
+
+def test_degenerate_runs_are_marked_counted_and_an_all_degenerate_column_is_left_out_of_the_average(results_dir):
+    rows = report.apply_selection(report.load(results_dir))
+    for row in rows[rows.status == "ok"].itertuples():  # recomputed from the saved predictions
+        predictions = report.read_predictions(row.artifacts, "best")
+        assert row.degenerate == (predictions.prediction.nunique() == 1)
+    forced = rows.copy()
+    forced.loc[forced.task == "rte", "degenerate"] = True
+    forced.loc[forced.task != "rte", "degenerate"] = False
+    table = report.paper_table(forced, resamples=50)
+    assert table.degenerate_runs == int((forced[forced.status == "ok"].task == "rte").sum())
+    text = report.markdown(report.results_grid(table))
+    assert "°" in text and f"° {table.degenerate_runs} run(s)" in text and "Greyed out" in text
+    assert 'color:gray' in text
+    averages = table.cells[table.cells.column == "Avg."]
+    stsb = table.cells[table.cells.column == "STS-B"].set_index("group")["median"]
+    for cell in averages.itertuples():  # the average is STS-B alone once RTE is all degenerate
+        assert cell.median == pytest.approx(stsb[cell.group])
+
+
+def test_inflation_table_is_best_minus_last_in_points(results_dir):
+    rows = report.load(results_dir)
+    text = report.inflation_table(rows)
+    ok = rows[rows.status == "ok"]
+    lora4 = ok[(ok.variant == "lora") & (ok["rank"] == 4) & (ok.task == "rte")]
+    expected = ((lora4.score_best - lora4.score_last) * 100).median()
+    line = next(l for l in text.splitlines() if l.startswith("| LoRA | 4 |"))
+    assert line.split("|")[3].strip() == f"{expected:.1f}"  # columns: method, r, RTE, STS-B
