@@ -69,7 +69,9 @@ def raw_rows(folder: Path) -> pd.DataFrame:
 def test_cells_are_medians_and_stds_of_the_rows(results_dir):
     raw = raw_rows(results_dir)
     ok = raw[raw.status == "ok"]
-    table = report.paper_table(report.load(results_dir), resamples=100)
+    # two training steps leave the tiny model predicting one class: not what this test is about (see the
+    # degenerate test below), so every column counts in Avg. here
+    table = report.paper_table(report.load(results_dir).assign(degenerate=False), resamples=100)
     metric = {"rte": "metric_accuracy", "stsb": "metric_pearson"}
     label = {"rte": "RTE", "stsb": "STS-B"}
     assert len(table.groups) == len(VARIANTS)
@@ -130,7 +132,7 @@ def test_latex_is_booktabs_with_one_cell_per_column(written):
 
 
 def test_holdout_rows_are_marked(results_dir):
-    rows = report.load(results_dir)
+    rows = report.load(results_dir).assign(degenerate=False)  # every column in Avg. (see the degenerate test)
     protocol = "holdout: train and evaluation sets both drawn from validation; NOT the standard split"
     rows.loc[rows.task == "rte", "protocol"] = protocol
     rows["holdout"] = rows.protocol.fillna("").str.startswith("holdout")
