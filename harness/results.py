@@ -179,7 +179,8 @@ def read_rows(*dirs: str | Path) -> pd.DataFrame:
         files += sorted(folder.glob("runs/*.parquet")) + sorted(folder.glob("*/runs/*.parquet"))
     if not files:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+    # rows written before a column was added lack it: null there (promote), rather than no table at all
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default").to_pandas()
 
 
 # ---- provenance ---------------------------------------------------------------------------------------
