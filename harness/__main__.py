@@ -1,24 +1,97 @@
 """`python -m harness [overrides]`: one run, or a sweep with -m / +sweep=<name>. See README."""
 
+import difflib
 import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from harness import results, sweep, warm_start
-from harness.errors import ConfigError, Interrupted
+from harness.errors import ConfigError, HarnessError, Interrupted
 from harness.run import run
 from harness.sweep import RunFailed
 
 log = logging.getLogger("harness")
 
 __all__ = ["main", "RunFailed"]
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+JOB_ERROR_FILE = "error.txt"  # in a sweep job's log folder: why the job did not start (the summary lists it)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    """Run one config and return its primary score; a harness error is one line on stderr (exit 2, or 1 for a run
+    that ended other than ok), with the traceback behind HYDRA_FULL_ERROR=1, as Hydra does for its own errors.
+    In a sweep the job fails with the error (recorded beside the job's log, so the summary lists it)."""
+    hydra_cfg = HydraConfig.get()
+    try:
+        return run_job(cfg)
+    except HarnessError as err:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            if not isinstance(err, (RunFailed, sweep.RunBusy, sweep.SweepStopping)):  # those have rows, or owners
+                record_job_error(Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), err)
+            raise
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1 if isinstance(err, RunFailed) else 2) from None
+
+
+def record_job_error(folder: Path, overrides: list[str], err: Exception) -> None:
+    """Write why a sweep job ended without an ok row (one line of overrides, one of error) beside its log."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / JOB_ERROR_FILE).write_text(f"{' '.join(overrides)}\n{type(err).__name__}: {err}\n")
+    except OSError:
+        pass
+
+
+def unknown_added_keys(overrides: list[str], compose: Callable[[list[str]], DictConfig]) -> list[str]:
+    """One message per `+key=value` / `++key=value` override that adds a key the config does not define, naming
+    the closest key it does. Without `+`, Hydra itself rejects an unknown key; with it, a typo (`+train.maxsteps`,
+    as Hydra's own hint suggests) would be added silently and change nothing. `compose(overrides)` builds the
+    config the other overrides give, so the keys a chosen variant or task defines in its YAML are known."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    added = {i for i, o in enumerate(parsed) if (o.is_add() or o.is_force_add()) and not is_config_group(o)}
+    if not added:
+        return []
+    base = compose([text for i, text in enumerate(overrides) if i not in added])
+    messages = []
+    for i in sorted(added):
+        key = parsed[i].key_or_group
+        node, path = base, []
+        for part in key.split("."):
+            if not isinstance(node, DictConfig) or part not in node:
+                where = ".".join(path) or "the top level"
+                known = list(node.keys()) if isinstance(node, DictConfig) else []
+                close = difflib.get_close_matches(part, known, n=1, cutoff=0.6)
+                hint = f"did you mean {'.'.join([*path, close[0]])}? " if close else ""
+                messages.append(f"{overrides[i]}: {where} has no key {part!r}; {hint}"
+                                f"its keys: {', '.join(map(str, known))}. Set an existing key without '+'")
+                break
+            node, path = node[part], [*path, part]
+    return messages
+
+
+def is_config_group(override) -> bool:
+    """`+sweep=cpu_glue`, `hydra/launcher=...`: a config group choice, not a value."""
+    key = override.key_or_group
+    return key.startswith("hydra") or "/" in key or (CONF_DIR / key).is_dir()
+
+
+def compose_in_app(overrides: list[str]) -> DictConfig:
+    return hydra.compose(config_name="config", overrides=overrides)
+
+
+def run_job(cfg: DictConfig) -> float:
     """Run one config and return its primary score (what hydra-optuna-sweeper maximises).
 
     A run that does not end `ok` raises RunFailed after its row is written: a single run exits non-zero,
@@ -29,7 +102,10 @@ def main(cfg: DictConfig) -> float:
     """
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    cfg = warm_start.resolve(cfg)  # init_from=task=<name> -> the source's run_key (the sweeper resolves it earlier)
+    unknown = unknown_added_keys(list(hydra_cfg.overrides.task), compose_in_app)
+    if unknown:
+        raise ConfigError("unknown config keys: " + " | ".join(unknown))
+    cfg = warm_start.resolve(cfg)  # init_from=<task> -> the source's run_key (the sweeper resolves it earlier)
     if cfg.dry_run:
         if multirun:
             raise ConfigError("dry_run=true lists a grid sweep's jobs without launching them, which only the "
@@ -39,14 +115,22 @@ def main(cfg: DictConfig) -> float:
         print(sweep.format_listing(cfg.sweep_name, [state]), flush=True)
         return float("nan")
     sweep.configure_resources(hydra_cfg.launcher, int(hydra_cfg.job.get("num") or 0) if multirun else 0)
+    sweep.prepare_slurm_job()
     if sweep.stopping():
         raise sweep.SweepStopping("not started: this worker was told to stop (SIGTERM/SIGINT)")
     key = results.run_key(cfg)
+    results.check_writable(cfg.results_dir, cfg.sweep_name)
     try:
         with sweep.claim_run(cfg, key):
             row = run(cfg)
     except Interrupted as err:  # the row says "interrupted"; stop the sweep too (a launcher would go on)
         log.warning("stopping: %s", err)
+        if sweep.in_submitit_slurm_job():  # preempted: requeued to run again; at its time limit: a failed job
+            again, why = sweep.requeue_interrupted_slurm_job()
+            log.warning("%s", why)
+            if again:  # no result for this attempt: the sweep waits for the requeued one
+                raise SystemExit(128 + err.signum) from err
+            raise RunFailed(f"run {key} interrupted ({err}); {why}") from err
         sweep.mark_stopping()
         if sweep.in_sweep_process():
             raise SystemExit(128 + err.signum) from err

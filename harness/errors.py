@@ -21,6 +21,10 @@ class Diverged(HarnessError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+class NoScore(HarnessError):
+    """Training finished with finite outputs, but a score is undefined (NaN): a correlation of constant predictions."""
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived during a run. A KeyboardInterrupt, not an Exception, so that no library's
     `except Exception` swallows it (tqdm's did, when the signal landed while a progress bar was starting)."""

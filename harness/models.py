@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from harness import quiet
 from harness.errors import ConfigError, HubUnavailable, require
 from harness.hub import from_hub
 from harness.results import publish_folder
@@ -107,13 +108,33 @@ def load(model_cfg, head_kind: str, num_labels: int, cache_dir: str | Path, with
         source = f"random:{model_cfg.name}"
     else:
         source = resolve_source(model_cfg.source)
-        model = from_hub(lambda: auto.from_pretrained(source, config=config), f"the weights of {source!r}")
+        with quiet.loading_pretrained():
+            model, loading_info = from_hub(
+                lambda: auto.from_pretrained(source, config=config, output_loading_info=True),
+                f"the weights of {source!r}")
+        log_weights_not_loaded(loading_info, head_modules(model, head_kind), source)
     tokenizer = load_tokenizer(model_cfg, cache_dir) if with_tokenizer else None
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
         raise ConfigError(
             f"model.tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}"
         )
     return LoadedModel(model=model, tokenizer=tokenizer, head=head_modules(model, head_kind), source=source)
+
+
+def log_weights_not_loaded(loading_info: dict, head: list[str], source: str) -> None:
+    """Say what transformers' load report said (harness.quiet holds it back): a task head that starts from
+    fresh weights is what fine-tuning expects (debug), a fresh weight anywhere else is not (warning)."""
+    missing = sorted(loading_info.get("missing_keys") or ())
+    outside_head = [key for key in missing if not any(key == h or key.startswith(f"{h}.") for h in head)]
+    if outside_head:
+        log.warning("%d weights outside the task head are not in the checkpoint %s and start from random values: %s",
+                    len(outside_head), source, ", ".join(outside_head))
+    fresh_head = sorted({h for h in head for key in missing if key.startswith(f"{h}.")})
+    if fresh_head:
+        log.debug("the task head (%s) starts from fresh weights: %s has none for it", ", ".join(fresh_head), source)
+    unused = sorted(loading_info.get("unexpected_keys") or ())
+    if unused:
+        log.debug("%d checkpoint weights unused (heads of other tasks): %s", len(unused), ", ".join(unused))
 
 
 def head_modules(model: nn.Module, head_kind: str) -> list[str]:

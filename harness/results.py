@@ -7,8 +7,11 @@ by rename, so its presence means the run's files are complete.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
+import logging
+import math
 import os
 import platform
 import shutil
@@ -23,6 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
+from harness.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
 STATUSES = ("ok", "failed", "diverged", "oom", "interrupted")
 
 # The fixed superset of task metrics (row columns metric_<name>); a task reporting another name is a bug.
@@ -35,7 +42,7 @@ METRIC_NAMES = [
 _S, _I, _F, _B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 SCHEMA = pa.schema(
     # identity
-    [("run_key", _S), ("sweep", _S), ("status", _S), ("error", _S)]
+    [("run_key", _S), ("sweep", _S), ("status", _S), ("error", _S), ("data_fingerprint", _S)]
     # config
     + [("task", _S), ("variant", _S), ("impl", _S), ("rank", _I), ("alpha", _F), ("seed", _I), ("model", _S),
        ("lr", _F), ("schedule", _S), ("warmup_steps", _I), ("batch_size", _I), ("grad_accum", _I), ("epochs", _F),
@@ -64,39 +71,88 @@ SCHEMA = pa.schema(
 )
 COLUMNS = SCHEMA.names
 
-# Keys that say where or how a run is executed, not what it computes: they never change the run_key.
-NON_SEMANTIC = {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run"}
-NON_SEMANTIC_DATA = {"dir", "cache_dir"}
-NON_SEMANTIC_TRAIN = {"num_workers", "log_every_steps", "eval_batch_size"}
+# ---- the run_key ----------------------------------------------------------------------------------------
+# run_key = hash of {key_version, the semantic config, the data fingerprint}. The semantic config is the resolved
+# config minus NOT_IN_KEY, and minus every ADDED_KEYS key whose value is the one that keeps the old behaviour.
+# To add a config key: if it says where or how a run executes (paths, workers, logging, trackers), add its dotted
+# path to NOT_IN_KEY; if it changes what a run computes, add `"group.key": <its default>` to ADDED_KEYS. Either
+# way, every committed row keeps its run_key. Changing anything else here moves keys: bump KEY_VERSION and migrate
+# the committed rows (python -m harness.migrate_keys results).
+KEY_VERSION = 2
+NOT_IN_KEY = {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run",
+              "data.dir", "data.cache_dir", "train.num_workers", "train.log_every_steps", "train.eval_batch_size",
+              "variant.label", "task.label"}  # labels: display names for tables (renaming one changes no number)
+ADDED_KEYS = {"train.head_lr": None, "train.selection": "eval_best", "data.selection_fraction": 0.1,
+              "init_from": None,  # warm start (issue 14)
+              "variant.frozen": False}  # DyLoRA: frozen=false (the old mode) keeps old keys; true, new ones
 
 
-# Train keys added after rows were published, with the value that keeps the old behaviour: at that value a key
-# stays out of the hash, so adding it leaves every existing row's run_key (and so resuming its sweep) intact.
-ADDED_TRAIN_KEYS = {"head_lr": None, "selection": "eval_best"}
-# The same for keys elsewhere, by dotted path (a variant key is dropped only at that value, so dylora's
-# frozen=false, the old mode, keeps the old rows' keys while frozen=true, a new computation, gets new ones).
-ADDED_KEYS = {"init_from": None, "variant.frozen": False, "data.selection_fraction": 0.1}
+def semantic_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The resolved config minus paths, devices and bookkeeping: what determines the numbers (the data aside)."""
+    full = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
+
+    def keep(path: str, value: Any) -> bool:
+        return path not in NOT_IN_KEY and not (path in ADDED_KEYS and value == ADDED_KEYS[path])
+
+    def prune(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+        return {k: prune(v, f"{prefix}{k}.") if isinstance(v, dict) else v
+                for k, v in node.items() if keep(prefix + k, v)}
+
+    return prune(full, "")
 
 
-def semantic_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config minus paths, devices and bookkeeping: what determines the numbers."""
-    full = OmegaConf.to_container(cfg, resolve=True)
-    full = {k: v for k, v in full.items() if k not in NON_SEMANTIC}
-    full["data"] = {k: v for k, v in full.get("data", {}).items() if k not in NON_SEMANTIC_DATA}
-    full["train"] = {k: v for k, v in full.get("train", {}).items()
-                     if k not in NON_SEMANTIC_TRAIN and not (k in ADDED_TRAIN_KEYS and v == ADDED_TRAIN_KEYS[k])}
-    for path, old_value in ADDED_KEYS.items():
-        *parents, leaf = path.split(".")
-        section = full
-        for parent in parents:
-            section = section.get(parent) if isinstance(section, dict) else None
-        if isinstance(section, dict) and leaf in section and section[leaf] == old_value:
-            del section[leaf]
-    return full
+def data_fingerprint(cfg: DictConfig | dict[str, Any]) -> str | None:
+    """A hash of the rows of every local split file the run reads (each split's `content_hash`, the token cache's
+    key), so that other data means another run_key; None when the data comes from the hub (a published dataset
+    is named by its hub id, which is in the task config). A missing file counts as missing: the run then fails
+    naming it."""
+    files = split_files(cfg)
+    if files is None:
+        return None
+    hashes = {split: split_fingerprint(path) for split, path in files.items()}
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_key(cfg: DictConfig) -> str:
-    canonical = json.dumps(semantic_config(cfg), sort_keys=True, separators=(",", ":"), default=str)
+def split_files(cfg: DictConfig | dict[str, Any]) -> dict[str, Path] | None:
+    """{split: local Parquet file} of the splits a run reads under its protocol; None for hub data."""
+    full = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    task, data = full.get("task") or {}, full.get("data") or {}
+    if not data.get("dir") or not task.get("local_subdir"):
+        return None
+    splits = list(task.get("eval_splits") or [])
+    if data.get("protocol", "standard") == "holdout" and task.get("holdout"):
+        splits.insert(0, task["holdout"]["source_split"])
+    elif task.get("train_split"):
+        splits.insert(0, task["train_split"])
+    folder = Path(data["dir"]).expanduser() / task["local_subdir"]
+    return {split: folder / f"{split}.parquet" for split in dict.fromkeys(splits)}
+
+
+_split_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def split_fingerprint(path: Path) -> str:
+    """`content_hash` of one split file's rows ("missing" without the file), remembered per (path, size, mtime)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return "missing"
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _split_hashes:
+        import datasets  # slow to import; only runs on local data need it
+
+        from harness.tasks.base import content_hash
+
+        _split_hashes[memo] = content_hash(datasets.Dataset(pq.read_table(path)))
+    return _split_hashes[memo]
+
+
+def run_key(cfg: DictConfig | dict[str, Any], fingerprint: str | None = None) -> str:
+    """The run's identity: its semantic config and its data (`fingerprint`: data_fingerprint(cfg), computed when
+    not given)."""
+    fingerprint = fingerprint if fingerprint is not None else data_fingerprint(cfg)
+    identity = {"key_version": KEY_VERSION, "config": semantic_config(cfg), "data": fingerprint}
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -146,13 +202,37 @@ def publish_folder(folder: Path, write: Callable[[Path], None]) -> Path:
 
 
 def make_row(values: dict[str, Any]) -> pd.DataFrame:
-    """A one-row frame with every column of SCHEMA (missing ones null); unknown keys are a bug."""
+    """A one-row frame with every column of SCHEMA (missing ones null); unknown keys are a bug, and so is an `ok`
+    row holding a non-finite score (the run diverged, or its metric is undefined: it is not ok)."""
     unknown = set(values) - set(COLUMNS)
     if unknown:
         raise KeyError(f"not results columns: {sorted(unknown)}; add them to results.SCHEMA")
     if values.get("status") not in STATUSES:
         raise ValueError(f"status={values.get('status')!r}; expected one of {STATUSES}")
+    if values["status"] == "ok" and (bad := non_finite_scores(values)):
+        raise ValueError(f"run {values.get('run_key')}: an ok row cannot hold non-finite scores {bad}")
     return pd.DataFrame([{c: values.get(c) for c in COLUMNS}])
+
+
+SCORE_COLUMNS = ["score_best", "score_last"] + [f"metric_{m}" for m in METRIC_NAMES]
+
+
+def non_finite_scores(row: dict[str, Any]) -> dict[str, Any]:
+    """The score and metric values of `row` (its columns, and the last evaluation's metrics) that are NaN or
+    infinite; a score that was not measured (None) is not one of them."""
+    values = {c: row.get(c) for c in SCORE_COLUMNS}
+    if isinstance(row.get("last_metrics_json"), str):
+        values.update({f"last.{k}": v for k, v in json.loads(row["last_metrics_json"]).items()
+                       if k not in ("step", "epoch")})
+    return {k: v for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v)}
+
+
+def is_done(row: dict[str, Any] | None) -> bool:
+    """Whether a run's row counts as finished: `ok` with a finite score. Older code wrote `ok` rows with a NaN
+    score, which Parquet stores as null; such a run is done again."""
+    return (row is not None and row["status"] == "ok" and row.get("score_best") is not None
+            and not non_finite_scores(row))
 
 
 def write_row(results_dir: str | Path, sweep: str, values: dict[str, Any]) -> Path:
@@ -161,26 +241,65 @@ def write_row(results_dir: str | Path, sweep: str, values: dict[str, Any]) -> Pa
     return path
 
 
+def read_table(path: Path, set_aside: bool) -> pa.Table | None:
+    """A row file's table in SCHEMA's columns (a column added since the file was written is null), or None when
+    the file cannot be read: a warning names it, and with `set_aside` it moves to runs/.corrupt/ so that its run
+    counts as not done and runs again."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        moved = ""
+        if set_aside:
+            target = path.parent / ".corrupt" / f"{path.name}.{dt.datetime.now():%Y%m%d-%H%M%S-%f}"
+            try:
+                target.parent.mkdir(exist_ok=True)
+                path.rename(target)
+                moved = f"; moved to {target}, so its run counts as not done"
+            except OSError:
+                pass
+        log.warning("unreadable row file %s (%s: %s)%s", path, type(err).__name__, str(err).splitlines()[0], moved)
+        return None
+    columns = [table.column(c).cast(SCHEMA.field(c).type) if c in table.column_names
+               else pa.nulls(table.num_rows, SCHEMA.field(c).type) for c in COLUMNS]
+    return pa.table(columns, schema=SCHEMA)
+
+
 def read_row(path: Path) -> dict[str, Any] | None:
+    """The row at `path`; None when there is none, or when the file is corrupt (then set aside, with a warning)."""
     if not path.exists():
         return None
-    return pq.read_table(path).to_pylist()[0]
+    table = read_table(path, set_aside=True)
+    return None if table is None else table.to_pylist()[0]
 
 
 def has_ok_row(results_dir: str | Path, sweep: str, key: str) -> bool:
-    row = read_row(row_path(results_dir, sweep, key))
-    return row is not None and row["status"] == "ok"
+    return is_done(read_row(row_path(results_dir, sweep, key)))
 
 
-def read_rows(*dirs: str | Path) -> pd.DataFrame:
-    """Every complete row under the given results folders (a sweep folder, or a folder of sweeps)."""
+def read_rows(*dirs: str | Path, set_aside: bool = False) -> pd.DataFrame:
+    """Every complete row under the given results folders (a sweep folder, or a folder of sweeps). An unreadable
+    file is skipped with a warning naming it (and moved to runs/.corrupt/ with `set_aside`)."""
     files = []
     for folder in map(Path, dirs):
         files += sorted(folder.glob("runs/*.parquet")) + sorted(folder.glob("*/runs/*.parquet"))
-    if not files:
+    tables = [t for t in (read_table(f, set_aside) for f in files) if t is not None]
+    if not tables:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
     # rows written before a column was added lack it: null there (promote), rather than no table at all
-    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default").to_pandas()
+    return pa.concat_tables(tables, promote_options="default").to_pandas()
+
+
+def check_writable(results_dir: str | Path, sweep: str) -> None:
+    """Create and remove a file in the sweep's runs/ folder, so that an unwritable results_dir is found before an
+    hour of training, not after."""
+    folder = runs_dir(results_dir, sweep)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"results_dir={str(results_dir)!r}: cannot write to {folder} ({type(err).__name__}: "
+                          f"{err.strerror or err}); set results_dir to a writable folder") from err
 
 
 # ---- provenance ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 import datetime as dt
 import json
 import logging
+import math
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import adapters, metrics, models, results, tasks, warm_start
 from harness.checkpoint import save_adapter
-from harness.errors import ConfigError, Diverged, Interrupted, require
+from harness.errors import ConfigError, Diverged, HarnessError, Interrupted, NoScore, require
 from harness.train import TrainOutcome, resolve_device, resolve_precision, train, validate_train
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def base_weight_bytes(model: torch.nn.Module) -> int:
 
 
 def validate_top_level(cfg: DictConfig) -> None:
-    require(isinstance(cfg.seed, int), "seed", cfg.seed, "an integer")
+    require(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and 0 <= cfg.seed < 2**32, "seed", cfg.seed,
+            "an integer from 0 to 2**32 - 1 (numpy's seed range)")
     require(isinstance(cfg.sweep_name, str) and cfg.sweep_name and "/" not in cfg.sweep_name,
             "sweep_name", cfg.sweep_name, "a non-empty name without '/'")
 
@@ -139,11 +141,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cfg = warm_start.resolve(cfg)  # init_from=task=<name> -> the source's run_key, part of this run's key
     key = results.run_key(cfg)
     existing = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, key))
-    if existing is not None and existing["status"] == "ok":
+    if results.is_done(existing):
         log.info("skip %s: run %s already has an ok row", describe(cfg), key)
         warn_if_measured_elsewhere(existing, cfg.device)
         return existing
+    results.check_writable(cfg.results_dir, cfg.sweep_name)
     row = config_columns(cfg, key)
+    row["data_fingerprint"] = results.data_fingerprint(cfg)
     row["git_sha"], row["git_dirty"] = results.git_state()
     row["started_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     outcome = TrainOutcome(keep_best_state=bool(cfg.save_adapter))
@@ -183,8 +187,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                          len(selection_set), len(train_set))
             row["train_examples"] = len(train_set)
             row["eval_examples"] = sum(len(d) for d in eval_sets.values())
-            train(model, task, train_set, eval_sets, task.collate(loaded.tokenizer), variant, cfg.train,
-                  device, cfg.seed, outcome, selection_set=selection_set)
+            row["batch_size"] = batch_size_that_runs(cfg.train.batch_size, len(train_set))
+            with watch_eval_outputs(model) as watch:
+                train(model, task, train_set, eval_sets, task.collate(loaded.tokenizer), variant, cfg.train,
+                      device, cfg.seed, outcome, selection_set=selection_set)
+            check_finite(model, outcome, watch, task.primary_metric)
             if cfg.save_adapter:
                 row["adapter_bytes"] = save_adapter(model, variant, artifacts / "adapter.safetensors")
                 # adapter_best: the selected evaluation's tensors (train.selection), when it is not the last
@@ -200,12 +207,74 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         row.update(status="oom", error=f"CUDA out of memory: {str(err).splitlines()[0]}")
     except Diverged as err:
         row.update(status="diverged", error=str(err))
+    except NoScore as err:
+        row.update(status="failed", error=str(err))
+    except HarnessError as err:
+        if outcome.steps == 0:  # bad config, data or environment, found before training: an error, not a run
+            raise
+        row.update(status="failed", error=f"{type(err).__name__}: {err}")
     except Exception as err:  # noqa: BLE001 - every failure becomes a row; the traceback goes to the log
         log.error("run %s failed:\n%s", key, traceback.format_exc())
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
     with signals_held():
         finish(cfg, row, outcome, artifacts)
     return row
+
+
+def batch_size_that_runs(batch_size: int, train_examples: int) -> int:
+    """The batch size the loop actually uses: a training set smaller than train.batch_size is one batch."""
+    if batch_size > train_examples:
+        log.warning("train.batch_size=%d but the training set has %d examples: every step uses those %d, and the "
+                    "row says batch_size=%d", batch_size, train_examples, train_examples, train_examples)
+    return min(batch_size, train_examples)
+
+
+@contextlib.contextmanager
+def watch_eval_outputs(model: torch.nn.Module):
+    """Record the first evaluation forward whose outputs (logits, span scores) hold NaN or inf: an argmax over NaN
+    logits is class 0, a plausible-looking score, so the outputs themselves must be checked. Yields a dict that
+    gets `first_bad` (a description) set."""
+    watch: dict[str, str] = {}
+    evaluations = [0]
+
+    def check(module, args, output):
+        if module.training or "first_bad" in watch:
+            return
+        evaluations[0] += 1
+        values = output.values() if isinstance(output, dict) else output if isinstance(output, tuple) else [output]
+        for name, value in zip(output.keys() if isinstance(output, dict) else range(len(values)), values):
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+                watch["first_bad"] = f"evaluation batch {evaluations[0]}: {name} holds NaN or inf"
+                return
+
+    handle = model.register_forward_hook(check)
+    try:
+        yield watch
+    finally:
+        handle.remove()
+
+
+def check_finite(model: torch.nn.Module, outcome: TrainOutcome, watch: dict[str, str], primary_metric: str) -> None:
+    """After training: Diverged when a parameter or an evaluation output is NaN or infinite (divergence in the
+    last step is seen by no further loss), NoScore when the outputs are finite but a score is not (the
+    correlation of a constant prediction). Either way the run is not `ok`."""
+    for name, param in model.named_parameters():
+        try:
+            finite = bool(torch.isfinite(param).all()) if param.is_floating_point() else True
+        except (RuntimeError, NotImplementedError, TypeError):  # a quantized tensor subclass: its codes are ints
+            finite = True
+        if not finite:
+            raise Diverged(f"after {outcome.steps} steps, parameter {name} holds NaN or inf; "
+                           "lower train.lr (or raise train.warmup_ratio)")
+    if "first_bad" in watch:
+        raise Diverged(f"after {outcome.steps} steps, the model's outputs are not finite ({watch['first_bad']}); "
+                       "lower train.lr")
+    bad = {k: v for entry in (outcome.best, outcome.last) if entry for k, v in entry.items()
+           if k not in ("step", "epoch", "train_loss") and isinstance(v, float) and not math.isfinite(v)}
+    if outcome.best is None or bad:
+        raise NoScore(f"the evaluation scores {bad or {primary_metric: None}} are undefined (a correlation is NaN "
+                      "when every prediction is the same): the model did not learn to tell examples apart; "
+                      "try more steps or another train.lr")
 
 
 def finish(cfg: DictConfig, row: dict[str, Any], outcome: TrainOutcome, artifacts: Path) -> None:
@@ -243,8 +312,9 @@ def finish(cfg: DictConfig, row: dict[str, Any], outcome: TrainOutcome, artifact
                   if name != "selected" or outcome.selection == "heldout"]  # eval_best's is "best", last's "last"
         results.atomic_write_parquet(pd.concat(frames, ignore_index=True), artifacts / "predictions.parquet")
     path = results.write_row(cfg.results_dir, cfg.sweep_name, row)
+    score = row.get("score_best")
     log.info("run %s %s: %s=%s -> %s", row["run_key"], row["status"], row.get("primary_metric"),
-             row.get("score_best"), path)
+             "none" if score is None else f"{score:.4f}", path)
 
 
 def describe(cfg: DictConfig) -> str:

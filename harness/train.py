@@ -20,6 +20,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from harness import quiet  # noqa: F401  (first: transformers' scheduler module imports its model code)
 from transformers import get_scheduler
 
 from harness.adapters.base import is_under
@@ -318,7 +320,7 @@ def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed
                     loss = model(**task.model_inputs(batch, training=True)).loss
                 if not torch.isfinite(loss):
                     raise Diverged(f"loss became {loss.item()} at step {step} (epoch {epoch}); "
-                                   "lower train.lr or use fp32")
+                                   + divergence_hint(cfg.precision))
                 scaler.scale(loss / cfg.grad_accum).backward()
             if isinstance(meter, SavedTensorMeter):
                 outcome.memory["saved_activation_bytes"] = meter.bytes
@@ -364,6 +366,11 @@ def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed
     progress.close()
     outcome.memory.update(peak_memory(device))
     return outcome
+
+
+def divergence_hint(precision: str) -> str:
+    """What to try after a non-finite loss: fp32 only helps a run that is not in fp32 already."""
+    return "lower train.lr" + ("" if precision == "fp32" else f" or use train.precision=fp32 (this run: {precision})")
 
 
 def memory_account(model, optimizer) -> dict[str, int]:

@@ -167,3 +167,52 @@ def harness_cli(tmp_path, tiny_data_dir):
 
     cli.results = tmp_path / "results"
     return cli
+
+
+# ---- report rows (tests/test_report_*.py) ---------------------------------------------------------------
+REPORT_VARIANTS = [("variant=lora", "variant.r=4"), ("variant=lora", "variant.r=8"), ("variant=full",),
+                   ("variant=head",)]
+REPORT_TASKS = ("rte", "stsb")
+REPORT_SEEDS = (0, 1)
+REPORT_BAD = ("task=rte", "variant=lora", "train.lr=1e12", "train.max_grad_norm=null",  # diverges: a `diverged`
+              "train.schedule=constant", "train.warmup_ratio=0")                        # row, not a config error
+
+
+@pytest.fixture(scope="session")
+def report_rows_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("report-results")
+
+
+@pytest.fixture
+def report_rows_dir(make_cfg, report_rows_root) -> Path:
+    """<root>/report_test: real rows of harness.run.run on the tiny model (2 tasks x LoRA r=4/8, full, head x 2
+    seeds, 2 steps each) and 1 failed row; built once per session for every report test file."""
+    import torch
+
+    from harness.run import run
+
+    sweep = report_rows_root / "report_test"
+    if not (sweep / ".complete").exists():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny matrices: one thread avoids contention with parallel jobs
+        try:
+            for task in REPORT_TASKS:
+                for variant in REPORT_VARIANTS:
+                    for seed in REPORT_SEEDS:
+                        cfg = make_cfg(f"task={task}", *variant, f"seed={seed}", "train.max_steps=2",
+                                       "sweep_name=report_test", f"results_dir={report_rows_root}")
+                        assert run(cfg)["status"] == "ok"
+            bad = run(make_cfg(*REPORT_BAD, "sweep_name=report_test", f"results_dir={report_rows_root}"))
+            assert bad["status"] == "diverged"
+        finally:
+            torch.set_num_threads(threads)
+        (sweep / ".complete").touch()
+    return sweep
+
+
+@pytest.fixture
+def report_written(report_rows_dir, tmp_path) -> Path:
+    """The text outputs of a fresh report of report_rows_dir (no plots), in tmp_path/report."""
+    from harness import report
+
+    return report.write_report([report_rows_dir], tmp_path / "report", plots=False, resamples=200)

@@ -381,9 +381,9 @@ def test_a_retry_that_fails_early_leaves_no_history_of_the_earlier_attempt(make_
     artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, results.run_key(cfg))
     artifacts.mkdir(parents=True)
     pd.DataFrame({"step": [3], "score": [0.9]}).to_parquet(artifacts / "history.parquet")  # an earlier attempt's
-    row = run(cfg)
-    assert row["status"] == "failed" and "fp16" in row["error"]
-    assert sorted(p.name for p in artifacts.iterdir()) == ["config.yaml"]
+    with pytest.raises(ConfigError, match="fp16"):  # an error before training: no row (docs/failures.md)
+        run(cfg)
+    assert not artifacts.exists()
 
 
 def test_same_config_is_skipped_and_changed_config_gets_a_new_key(make_cfg):
@@ -436,14 +436,16 @@ def test_divergence_is_a_row_not_a_crash(make_cfg):
     assert row["status"] == "diverged" and "loss became" in row["error"]
 
 
-def test_failure_is_a_row_with_the_error(make_cfg):
-    row = run(make_cfg("variant.r=0"))
-    assert row["status"] == "failed" and "variant.r=0" in row["error"]
+def test_a_config_error_is_raised_and_writes_no_row(make_cfg):
+    cfg = make_cfg("variant.r=0")
+    with pytest.raises(ConfigError, match="variant.r=0"):
+        run(cfg)
+    assert list(results.runs_dir(cfg.results_dir, cfg.sweep_name).glob("*.parquet")) == []
 
 
 def test_fp16_on_cpu_is_a_clear_error(make_cfg):
-    row = run(make_cfg("train.precision=fp16"))
-    assert row["status"] == "failed" and "fp16 needs a CUDA device" in row["error"]
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        run(make_cfg("train.precision=fp16"))
 
 
 def test_bf16_runs_on_cpu_with_autocast(make_cfg):
@@ -516,10 +518,13 @@ def test_schedule_steps_from_ratio_and_from_epochs():
     ("train.gradient_checkpointing=sometimes", "train.gradient_checkpointing"),
     ("train.precision=fp8", "train.precision"),
 ])
-def test_bad_train_values_fail_before_anything_is_loaded(make_cfg, override, key):
-    row = run(make_cfg(override, "train.warmup_ratio=0.06" if "warmup_epochs" in override else "seed=0"))
-    assert row["status"] == "failed" and f"{key}=" in row["error"], row["error"]
-    assert row.get("total_params") is None, "validation must come before the model is built"
+def test_bad_train_values_fail_before_anything_is_loaded(make_cfg, override, key, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("validation must come before the model is built")
+
+    monkeypatch.setattr("harness.models.load", no_model)
+    with pytest.raises(ConfigError, match=f"{key}="):
+        run(make_cfg(override, "train.warmup_ratio=0.06" if "warmup_epochs" in override else "seed=0"))
 
 
 def test_saved_tensor_meter_counts_shared_storage_once():

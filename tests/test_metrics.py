@@ -26,6 +26,7 @@ from harness.metrics import (
     make_qid_to_has_ans,
     metric_max_over_ground_truths,
     normalize_answer,
+    resampled_glue_metric,
     squad_v1_scores,
     squad_v2_scores,
 )
@@ -134,6 +135,72 @@ def test_glue_non_1d_and_empty_raise():
         glue_metrics(["pearson"], np.zeros((3, 1)), np.zeros(3))
     with pytest.raises(ValueError, match="empty"):
         glue_metrics(["accuracy"], np.array([]), np.array([]))
+
+
+# Resamples of 60 examples as a bootstrap draws them: weights[b, i] = how often
+# example i is in resample b. Resample 0 is constant (one example 60 times).
+RESAMPLE_N = 60
+RESAMPLE_DRAWS = np.vstack(
+    [np.zeros((1, RESAMPLE_N), dtype=int), np.random.default_rng(5).integers(0, RESAMPLE_N, (25, RESAMPLE_N))]
+)
+RESAMPLE_WEIGHTS = np.stack([np.bincount(d, minlength=RESAMPLE_N) for d in RESAMPLE_DRAWS]).astype(float)
+
+
+def resample_cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(6)
+    n = RESAMPLE_N
+    return {
+        "accuracy": (rng.integers(0, 3, n), rng.integers(0, 3, n)),
+        "mcc": (rng.integers(0, 3, n), rng.integers(0, 3, n)),  # multiclass, as sklearn's formula
+        "f1": (rng.integers(0, 2, n), rng.integers(0, 2, n)),
+        "pearson": (rng.normal(size=n), rng.normal(size=n)),
+        "spearman": (rng.integers(0, 5, n).astype(float), rng.normal(size=n).round(1)),  # ties
+    }
+
+
+@pytest.mark.filterwarnings("ignore:F-score is ill-defined")  # the constant resample
+@pytest.mark.parametrize("metric", list(GLUE_METRIC_NAMES))
+def test_resampled_glue_metric_equals_glue_metrics_on_each_resample(metric):
+    prediction, label = resample_cases()[metric]
+    fast = resampled_glue_metric(metric, prediction, label, RESAMPLE_WEIGHTS)
+    slow = [glue_metrics([metric], prediction[d], label[d])[metric] for d in RESAMPLE_DRAWS]
+    np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-12, err_msg=metric)
+
+
+def test_resampled_glue_metric_treats_weights_as_sklearn_sample_weights():
+    cases = resample_cases()
+    for metric, reference in (
+        ("accuracy", skm.accuracy_score),
+        ("f1", lambda y, p, sample_weight: skm.f1_score(y, p, sample_weight=sample_weight)),
+        ("mcc", skm.matthews_corrcoef),
+    ):
+        prediction, label = cases[metric]
+        fast = resampled_glue_metric(metric, prediction, label, RESAMPLE_WEIGHTS[1:])
+        expected = [reference(label, prediction, sample_weight=w) for w in RESAMPLE_WEIGHTS[1:]]
+        np.testing.assert_allclose(fast, expected, rtol=1e-9, atol=1e-12, err_msg=metric)
+    prediction, label = cases["spearman"]  # SciPy has no weights: the resample written out
+    fast = resampled_glue_metric("spearman", prediction, label, RESAMPLE_WEIGHTS[1:])
+    expected = [stats.spearmanr(np.repeat(prediction, w.astype(int)), np.repeat(label, w.astype(int))).statistic
+                for w in RESAMPLE_WEIGHTS[1:]]
+    np.testing.assert_allclose(fast, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_resampled_glue_metric_gives_the_degenerate_values_of_glue_metrics():
+    """A constant resample: MCC and F1 are 0 (sklearn), correlations NaN (SciPy), never an error."""
+    cases = resample_cases()
+    constant = RESAMPLE_WEIGHTS[:1]
+    assert resampled_glue_metric("mcc", *cases["mcc"], constant)[0] == 0.0
+    assert math.isnan(resampled_glue_metric("pearson", *cases["pearson"], constant)[0])
+    assert math.isnan(resampled_glue_metric("spearman", *cases["spearman"], constant)[0])
+    all_negative = np.zeros(RESAMPLE_N, dtype=int)
+    assert resampled_glue_metric("f1", all_negative, all_negative, RESAMPLE_WEIGHTS)[1] == 0.0
+
+
+def test_resampled_glue_metric_rejects_unknown_names_and_shapes():
+    with pytest.raises(ValueError, match="allowed names"):
+        resampled_glue_metric("auc", PREDS, LABELS, np.ones((2, len(LABELS))))
+    with pytest.raises(ValueError, match=r"weights \(resamples, n\)"):
+        resampled_glue_metric("accuracy", PREDS, LABELS, np.ones(len(LABELS)))
 
 
 # --------------------------------------------------------------------------- #

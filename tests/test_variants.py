@@ -414,11 +414,13 @@ def test_qlora_computes_in_bf16_where_the_device_has_it_and_records_the_choice(m
 
 
 # ---- through the trainer -----------------------------------------------------------------------------
-def test_delta_lora_that_would_never_update_w_is_a_failed_row_not_a_lora_row(make_cfg):
-    """Steps are t = 0..3 and W moves after those with t > K: K=3 never moves it, K=2 moves it once."""
-    row = run(make_cfg("variant=delta_lora", "variant.start_step=3", "train.max_steps=4"))
-    assert row["status"] == "failed"
-    assert "variant.start_step=3" in row["error"] and "4 optimizer steps" in row["error"] and "below 3" in row["error"]
+def test_delta_lora_that_would_never_update_w_is_a_config_error_not_a_lora_row(make_cfg):
+    """Steps are t = 0..3 and W moves after those with t > K: K=3 never moves it, K=2 moves it once. Found before
+    the first step, it is an error, not a row (docs/failures.md)."""
+    with pytest.raises(ConfigError) as err:
+        run(make_cfg("variant=delta_lora", "variant.start_step=3", "train.max_steps=4"))
+    assert "variant.start_step=3" in str(err.value) and "4 optimizer steps" in str(err.value)
+    assert "below 3" in str(err.value)
     assert run(make_cfg("variant=delta_lora", "variant.start_step=2", "train.max_steps=4"))["status"] == "ok"
 
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from harness.adapters import peft_bridge
 from harness.adapters.base import AdapterLinear, kaiming_uniform_like_linear, register
-from harness.adapters.inject import AdapterVariant
+from harness.adapters.inject import AdapterVariant, select_targets
+from harness.errors import ConfigError
 
 PEFT_FOLDER = "peft_adapter"  # beside the run's adapter.safetensors
 
@@ -143,6 +144,8 @@ class LoRA(AdapterVariant):
 
     def inject(self, model: nn.Module, head: list[str]) -> list[str]:
         self.head = list(head)
+        self.check_rank(select_targets(model, list(self.option("targets") or []), self.option("all_linear", False),
+                                       head))
         if self.impl == "peft":
             self.targeted = peft_bridge.inject(model, self, head)
         else:
@@ -151,6 +154,19 @@ class LoRA(AdapterVariant):
         # alone decides, the same rule for both implementations (LoRA-FA: B only).
         model.requires_grad_(False)
         return self.targeted
+
+    def max_rank(self, layer: nn.Linear) -> int:
+        """The largest useful r for `layer`: B A has rank at most min(in, out), so a larger r only adds parameters."""
+        return min(layer.in_features, layer.out_features)
+
+    def check_rank(self, chosen: list[tuple[str, nn.Linear]]) -> None:
+        """Reject an r above `max_rank` of a targeted layer before any adapter tensor is allocated."""
+        r = self.option("r")
+        for name, layer in chosen:
+            if r > self.max_rank(layer):
+                raise ConfigError(f"variant.r={r} is too large for {name} ({layer.in_features} in x "
+                                  f"{layer.out_features} out): {self.name} allows r <= {self.max_rank(layer)} there; "
+                                  "lower variant.r")
 
     def adapter_attribute(self, name: str) -> str | None:
         """The adapter tensor a parameter name refers to (`lora_A`, `vera_lambda_d`), for our names

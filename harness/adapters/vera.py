@@ -106,6 +106,11 @@ class VeRA(LoRA):
         require(isinstance(d_initial, (int, float)) and not isinstance(d_initial, bool) and d_initial != 0,
                 "variant.d_initial", d_initial, "a non-zero number (the paper's 0.1): with d = 0, b gets no gradient")
 
+    def max_rank(self, layer: nn.Linear) -> int:
+        """r is the size of the shared random matrices, and may exceed the layer's width (the paper's r=1024 on
+        768-wide layers); above in x out the trained vector d has more entries than the weight it adapts."""
+        return layer.in_features * layer.out_features
+
     def setup(self, chosen: list[tuple[str, nn.Linear]]) -> None:
         max_in = max(module.in_features for _, module in chosen)
         max_out = max(module.out_features for _, module in chosen)

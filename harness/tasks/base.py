@@ -148,13 +148,26 @@ class Task:
                 hint = self.missing_split_hint(split, available)
                 raise DataError(f"task {self.name}: no split {split!r}; looked for {path}. "
                                 f"Available there: {available or 'none'}. {hint}")
-            return datasets.Dataset(pq.read_table(path))
+            table = pq.read_table(path)
+            if table.num_rows == 0:
+                raise DataError(f"task {self.name}: split {split!r} is empty (0 rows in {path}); "
+                                "replace the file with the split's rows")
+            return datasets.Dataset(table)
         hub_id, hub_config = self.cfg.hub_id, self.cfg.get("hub_config")
         what = f"{hub_id}" + (f" ({hub_config})" if hub_config else "") + f" split {split!r}"
         try:
-            return from_hub(lambda: datasets.load_dataset(hub_id, hub_config, split=split), what)
+            loaded = from_hub(lambda: datasets.load_dataset(hub_id, hub_config, split=split), what)
         except ValueError as err:  # datasets: 'Unknown split'
             raise DataError(f"task {self.name}: {err}. {self.missing_split_hint(split, [])}") from err
+        if len(loaded) == 0:
+            raise DataError(f"task {self.name}: {what} is empty (0 rows)")
+        return loaded
+
+    def split_source(self, split: str) -> str:
+        """Where a split's rows come from, for messages: the local file, or the hub id."""
+        path = self.local_path(split)
+        hub_config = self.cfg.get("hub_config")
+        return str(path) if path is not None else f"{self.cfg.hub_id}" + (f" ({hub_config})" if hub_config else "")
 
     def missing_split_hint(self, split: str, available: list[str]) -> str:
         if split == self.cfg.get("train_split") and self.cfg.get("holdout"):

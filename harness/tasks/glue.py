@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datasets
+import numpy as np
 import pandas as pd
 import torch
 from transformers import DataCollatorWithPadding
 
-from harness.errors import require
+from harness.errors import DataError, require
 from harness.metrics import glue_metrics
 from harness.tasks import register_kind
 from harness.tasks.base import Task, shared_value_groups
@@ -41,16 +42,35 @@ class GlueTask(Task):
                           desc=f"tokenize {self.name}")
         return encoded
 
+    def check_labels(self, split: str, raw: datasets.Dataset, source_split: str) -> None:
+        """Every label a class id in [0, num_labels) (STS-B: a finite score), so that no split is scored against
+        labels the head cannot predict. A split whose labels are all -1 is a test split (GLUE hides its labels)."""
+        labels = np.asarray(raw["label"])
+        if len(labels) and (labels < 0).all():
+            raise DataError(f"task {self.name}: split {split!r} ({self.split_source(source_split)}) has no labels "
+                            "(every label is -1: a test split?); evaluate on a validation split")
+        if self.head_kind == "regression":
+            bad = labels[~np.isfinite(labels.astype(float))]
+            allowed = "finite numbers"
+        else:
+            bad = labels[(labels < 0) | (labels >= self.num_labels) | (labels != np.round(labels))]
+            allowed = f"class ids 0..{self.num_labels - 1} (task.num_labels={self.num_labels})"
+        if len(bad):
+            values = sorted({float(v) if self.head_kind == "regression" else int(v) for v in bad})
+            raise DataError(f"task {self.name}: split {split!r} ({self.split_source(source_split)}), column 'label': "
+                            f"{len(bad)} rows have labels {values[:10]}, but labels must be {allowed}; fix the file "
+                            "or task.num_labels")
+
     def datasets(self, tokenizer, seed: int):
         train_raw, evals_raw = self.train_and_eval_raw()
         self.train_raw = train_raw  # its texts group the rows for train.selection=heldout
+        source = self.cfg.holdout.source_split if self.protocol == "holdout" else self.cfg.train_split
+        self.check_labels("train" if self.protocol == "standard" else f"{source} (training part)", train_raw, source)
+        for name, raw in evals_raw.items():
+            self.check_labels(name, raw, name)
         train = self.cached(tokenizer, "train", train_raw, lambda r: self.encode(tokenizer, r))
         evals = {name: self.cached(tokenizer, name, raw, lambda r: self.encode(tokenizer, r))
                  for name, raw in evals_raw.items()}
-        for name, ds in evals.items():
-            if len(ds) and min(ds["label"]) < 0:
-                raise ValueError(f"task {self.name}: split {name!r} has no labels (a test split?); "
-                                 "evaluate on a validation split")
         train = self.limit(train, "max_train_samples")
         evals = {name: self.limit(ds, "max_eval_samples") for name, ds in evals.items()}
         return train, evals

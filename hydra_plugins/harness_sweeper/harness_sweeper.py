@@ -13,6 +13,8 @@ overrides it again (hpo.yaml's optuna) would then keep this one. Config (hydra.s
                       except keys set on the command line, which always win
   max_batch_size:     jobs handed to the launcher at once (null: all). With fail_fast=true the default is
                       the launcher's parallelism, so the sweep stops soon after the first failure.
+  unknown_state_timeout_s:  with submitit_slurm, how long a job may go with neither a result nor a state from
+                      SLURM (sacct, squeue) before the sweep gives up on it, names it and goes on. Default 600.
 
 Before launching, it composes every job's config as the launcher will, and skips jobs whose run_key
 already has an `ok` row (logging each). With `dry_run=true` it prints the job list with each job's
@@ -44,6 +46,7 @@ class HarnessSweeperConf:
     rank_params: List[str] = field(default_factory=lambda: ["variant.r"])
     when: Dict[str, List[str]] = field(default_factory=dict)
     max_batch_size: Optional[int] = None
+    unknown_state_timeout_s: float = 600.0
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="harness", node=HarnessSweeperConf, provider="harness")
@@ -52,10 +55,13 @@ ConfigStore.instance().store(group="hydra/sweeper", name="harness", node=Harness
 class HarnessSweeper(BasicSweeper):
     def __init__(self, params: Optional[Dict[str, str]] = None, rank_params: Sequence[str] = ("variant.r",),
                  when: Optional[Dict[str, List[str]]] = None,
-                 max_batch_size: Optional[int] = None) -> None:
+                 max_batch_size: Optional[int] = None, unknown_state_timeout_s: float = 600.0) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.rank_params = list(rank_params)
         self.when = {k: list(v) for k, v in (when or {}).items()}
+        self.unknown_state_timeout_s = float(unknown_state_timeout_s)
+        self.lost: List[Tuple[str, str]] = []  # (job, why) of jobs that ended without a result
+        self.slurm_notes: List[str] = []  # why SLURM stopped the runs whose jobs failed (time limit, scancel)
 
     def compose(self, overrides: List[str]) -> DictConfig:
         """A job's config, composed exactly as the launcher composes it, without the hydra node."""
@@ -137,7 +143,12 @@ class HarnessSweeper(BasicSweeper):
             for number, handler in previous.items():
                 signal.signal(number, handler)
         if failures:  # like Hydra's basic sweeper, a failed job fails the multirun, but only after all ran
-            log_summary(self.config.results_dir, sweep_name, started)
+            log_summary(self.config.results_dir, sweep_name, started, sweep_dir)
+            if self.slurm_notes:
+                log.warning("SLURM stopped %d of those runs:\n  %s", len(self.slurm_notes), "\n  ".join(self.slurm_notes))
+            if self.lost:
+                from harness.sweep import format_lost_jobs
+                log.error("%s", format_lost_jobs(self.lost))
             raise SweepsFailed(f"{failures} of {len(todo)} jobs did not end ok (listed above); "
                                "re-running the same command retries them and skips the rest")
         return returns
@@ -149,6 +160,7 @@ class HarnessSweeper(BasicSweeper):
         from joblib.externals.loky.process_executor import TerminatedWorkerError
 
         from harness import results as rows
+        from harness.errors import HarnessError
         from harness.sweep import RunBusy, RunFailed, SweepStopping
 
         returns: List[Sequence[JobReturn]] = []
@@ -158,7 +170,10 @@ class HarnessSweeper(BasicSweeper):
         for start in range(0, len(todo), size):
             batch = todo[start:start + size]
             try:
-                results = self.launcher.launch(batch, initial_job_idx=job_idx)
+                if getattr(self.launcher, "_EXECUTOR", None) == "slurm":
+                    results = self.launch_slurm(batch, job_idx, keys[start:start + size])
+                else:
+                    results = self.launcher.launch(batch, initial_job_idx=job_idx)
             except TerminatedWorkerError as err:
                 # The OS killed a joblib worker (out of memory, most likely): joblib then kills the batch's
                 # other workers too and returns nothing for it. Their runs have no row; go on, say so.
@@ -175,6 +190,11 @@ class HarnessSweeper(BasicSweeper):
             job_idx += len(batch)
             returns.append(results)
             for overrides, ret in zip(batch, results):
+                if ret is None:  # a SLURM job that left no result: named in self.lost
+                    failures += 1
+                    if self.config.get("fail_fast"):
+                        raise RunFailed(": ".join(self.lost[-1]))
+                    continue
                 if ret.status != JobStatus.FAILED:
                     continue
                 error = ret._return_value  # the job's exception (return_value would re-raise it)
@@ -182,9 +202,67 @@ class HarnessSweeper(BasicSweeper):
                     log.info("%s", error)
                     continue
                 failures += 1
-                if not isinstance(error, RunFailed):  # crashed before or after writing its row: a bug, say so
+                if isinstance(error, RunFailed) and "SLURM job" in str(error):
+                    self.slurm_notes.append(str(error))
+                if isinstance(error, HarnessError) and not isinstance(error, RunFailed):  # bad config: no row
+                    log.error("job %s did not start: %s", " ".join(overrides), error)
+                elif not isinstance(error, RunFailed):  # crashed before or after writing its row: a bug, say so
                     log.error("job %s crashed without a result row: %s: %s", " ".join(overrides),
                               type(error).__name__, error)
                 if self.config.get("fail_fast"):
                     raise error
         return returns, failures
+
+    def launch_slurm(self, batch: List[List[str]], initial_job_idx: int, keys: List[str]) -> List[Optional[JobReturn]]:
+        """Submit `batch` as one SLURM array, as hydra-submitit-launcher's `launch` does, but wait for it without
+        hanging: a job whose state cannot be learned is given up after unknown_state_timeout_s, and a job that
+        ends without a result (SIGKILL, out of memory) is named in self.lost rather than failing the batch.
+        Its returns: the job's JobReturn, or None for a lost job."""
+        import submitit
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import filter_overrides
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+        from harness.sweep import ClusterJob, await_cluster_jobs
+
+        launcher = self.launcher
+        params = dict(launcher.params)
+        limit_s = 60 * int(params.get("timeout_min") or 0)
+        if limit_s and int(params.get("signal_delay_s") or 0) + 60 >= limit_s // 2:
+            # submitit's SIGUSR2 warns signal_delay_s before the limit (SLURM may send it up to 60 s earlier still).
+            # A run ignores it (it cannot checkpoint), but one that arrives while the job is starting kills it.
+            log.warning("hydra.launcher.signal_delay_s=%s (+ up to 60 s SLURM may add) reaches into the first half of "
+                        "the time limit (timeout_min=%s): submitit's SIGUSR2 could kill jobs as they start; sending it "
+                        "1 s before the limit instead", params.get("signal_delay_s"), params.get("timeout_min"))
+            params["signal_delay_s"] = 1
+        executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
+                                         slurm_max_num_timeout=params.pop("max_num_timeout", 0))
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        log.info("Submitit 'slurm' sweep output dir : %s", sweep_dir)
+        job_params = []
+        for idx, overrides in enumerate(batch, start=initial_job_idx):
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+            job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+        jobs = executor.map_array(launcher, *zip(*job_params))
+        labels = {job.job_id: f"job {job.job_id} (run {key}: {' '.join(overrides)})"
+                  for job, key, overrides in zip(jobs, keys, batch)}
+        log.info("SLURM array %s: %d jobs", jobs[0].job_id.split("_")[0] if jobs else "-", len(jobs))
+        lost = await_cluster_jobs([ClusterJob(job.job_id, labels[job.job_id], job.paths.result_pickle.exists)
+                                   for job in jobs], unknown_timeout_s=self.unknown_state_timeout_s)
+        returns: List[Optional[JobReturn]] = []
+        for job in jobs:
+            why = lost.get(job.job_id)
+            if why is None:
+                try:
+                    returns.append(job.results()[0])
+                    continue
+                except Exception as err:  # noqa: BLE001 - the job failed outside the run (submitit, pickling)
+                    why = f"SLURM job {job.job_id} failed outside the run: {type(err).__name__}: " + \
+                          str(err).strip().splitlines()[0]
+            log.error("%s: %s (its log: %s)", labels[job.job_id], why, job.paths.stderr)
+            self.lost.append((labels[job.job_id], why))
+            returns.append(None)
+        return returns

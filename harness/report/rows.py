@@ -1,0 +1,201 @@
+"""The rows a report is made of: loading them, choosing some, the ok ones, the failures, and each run's
+saved predictions and history."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+
+from harness import results as results_io
+from harness.errors import HarnessError
+from harness.report.labels import VARIANT_ORDER
+
+log = logging.getLogger(__name__)
+
+
+class ReportError(HarnessError):
+    """The rows cannot make a report (none found, mixed configs, ...); the message says how to fix it."""
+
+
+
+# ---- loading -----------------------------------------------------------------------------------------
+def load(*dirs: str | Path) -> pd.DataFrame:
+    """Every row under `dirs` (all statuses), with the columns the report adds.
+
+    Added: `group` (model|variant|rank|impl, the table's row key), `holdout` (the row's protocol is not
+    the standard split), `kind` (task kind from the row's config: glue, squad, ...) and `artifacts` (the
+    folder with the run's history and predictions).
+    """
+    if not dirs:
+        raise ReportError("give at least one results folder, e.g. `python -m harness.report results/cpu_glue`")
+    for folder in map(Path, dirs):
+        if not folder.is_dir():
+            raise ReportError(f"results folder {str(folder)!r} does not exist; pass the folder a sweep wrote "
+                              "(results/<sweep_name>) or one holding several sweeps (results)")
+    rows = results_io.read_rows(*dirs)
+    if rows.empty:
+        raise ReportError(
+            f"no results rows under {', '.join(map(str, dirs))}: expected <dir>/runs/<run_key>.parquet or "
+            "<dir>/<sweep>/runs/<run_key>.parquet. Run something first, e.g. "
+            "`python -m harness +sweep=smoke` (rows go to results/<sweep_name>/runs/)")
+    rows = rows.copy()
+    no_score = (rows.status == "ok") & ~np.isfinite(rows.score_best.astype(float))
+    if no_score.any():  # written before the row writer refused them: a NaN score, stored as null
+        log.warning("%d ok rows have no finite score (written by older code); listed as failed", int(no_score.sum()))
+        rows.loc[no_score, "error"] = "NoScore: an ok row without a finite score (older code); run it again"
+        rows.loc[no_score, "status"] = "failed"
+    rows["rank"] = rows["rank"].astype("Int64")
+    rows["impl"] = rows["impl"].fillna("ours")
+    rows["holdout"] = rows["protocol"].fillna("").str.startswith("holdout")
+    rows["kind"] = [json.loads(c).get("task", {}).get("kind") if isinstance(c, str) else None
+                    for c in rows["config_json"]]
+    rows["group"] = [group_key(m, v, r, i) for m, v, r, i in zip(rows.model, rows.variant, rows["rank"], rows.impl)]
+    rows["artifacts"] = [str(find_artifacts(dirs, sweep, key)) for sweep, key in zip(rows.sweep, rows.run_key)]
+    order = sorted(range(len(rows)), key=lambda i: (group_sort_key(rows.iloc[i]), str(rows.task.iloc[i]),
+                                                    int(rows.seed.iloc[i]) if pd.notna(rows.seed.iloc[i]) else -1,
+                                                    rows.run_key.iloc[i]))
+    return rows.iloc[order].reset_index(drop=True)
+
+
+def find_artifacts(dirs: Sequence[str | Path], sweep: str, key: str) -> Path:
+    """The run's sibling folder (history, predictions), whichever of the two layouts `dirs` use."""
+    candidates = [Path(d) / "runs" / key for d in dirs] + [Path(d) / sweep / "runs" / key for d in dirs]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+def group_key(model, variant, rank, impl) -> str:
+    return f"{model}|{variant}|{'' if pd.isna(rank) else int(rank)}|{impl}"
+
+
+def group_sort_key(row) -> tuple:
+    """Model, then the baselines in the paper's order, then the other variants by name, rank and impl."""
+    variant = row["variant"]
+    position = VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER)
+    rank = -1 if pd.isna(row["rank"]) else int(row["rank"])
+    return (str(row["model"]), position, str(variant), rank, row["impl"] != "ours", str(row["impl"]))
+
+
+def select(rows: pd.DataFrame, tasks: Iterable[str] | None = None, variants: Iterable[str] | None = None,
+           ranks: Iterable[int] | None = None, models: Iterable[str] | None = None) -> pd.DataFrame:
+    """The rows of the chosen tasks, variants, ranks and models (None keeps all).
+
+    A rank filter keeps rank-free variants (full, head, bitfit): they are the baselines every rank is
+    compared with; drop them with `variants`.
+    """
+    keep = pd.Series(True, index=rows.index)
+    for column, wanted in (("task", tasks), ("variant", variants), ("model", models)):
+        if wanted is not None:
+            wanted = set(wanted)
+            unknown = wanted - set(rows[column].dropna())
+            if unknown:
+                raise ReportError(f"{column} {sorted(unknown)} not in these rows; they have "
+                                  f"{sorted(set(rows[column].dropna()))}")
+            keep &= rows[column].isin(wanted)
+    if ranks is not None:
+        keep &= rows["rank"].isna() | rows["rank"].isin(list(ranks))
+    return rows[keep].reset_index(drop=True)
+
+
+def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The `ok` rows, after checking that no table cell would mix two configurations as if they were seeds."""
+    ok = rows[rows.status == "ok"].reset_index(drop=True)
+    duplicated = ok[ok.duplicated(["group", "task", "seed"], keep=False)]
+    if not duplicated.empty:
+        first = duplicated.groupby(["group", "task", "seed"], sort=True).head(2).head(2)
+        differs = config_differences(first.config_json.tolist())
+        raise ReportError(
+            f"{len(duplicated)} ok rows share variant, rank, impl, task and seed but differ in "
+            f"{', '.join(differs) or 'their run_key only'} (e.g. runs {', '.join(first.run_key)}): a table cell "
+            "would mix two configurations as if they were seeds. Report them separately (one results folder "
+            "each), or filter the rows first (report.select, or pandas on report.load(...)).")
+    return ok
+
+
+def config_differences(configs: Sequence[str]) -> list[str]:
+    """Dotted keys whose values differ between the given config_json strings (paths and devices ignored)."""
+    flat = [flatten(results_io.semantic_config(OmegaConf.create(json.loads(c)))) for c in configs]
+    keys = sorted(set().union(*flat))
+    return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1]
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"))
+    return out
+
+
+def failures(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows that are not `ok`, one line each, with the first line of the error."""
+    failed = rows[rows.status != "ok"]
+    return pd.DataFrame({
+        "run_key": failed.run_key, "status": failed.status, "task": failed.task, "variant": failed.variant,
+        "rank": failed["rank"], "impl": failed.impl, "seed": failed.seed,
+        "error": [first_line(e) for e in failed.error],
+    }).reset_index(drop=True)
+
+
+def first_line(text, limit: int = 200) -> str:
+    line = str(text).strip().splitlines()[0] if isinstance(text, str) and text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def read_predictions(artifacts: str | Path, checkpoint: str = "best", split: str | None = None) -> pd.DataFrame | None:
+    """A run's saved validation predictions at `checkpoint`, of one `split` (None: all); None if not saved."""
+    path = Path(artifacts) / "predictions.parquet"
+    if not path.exists():
+        return None
+    frame = pd.read_parquet(path)
+    if "checkpoint" in frame:
+        frame = frame[frame.checkpoint == checkpoint]
+    if split is not None and "split" in frame:
+        frame = frame[frame.split == split]
+    return frame.drop(columns=["checkpoint"], errors="ignore").reset_index(drop=True)
+
+
+
+# ---- histories and DyLoRA's rank scores --------------------------------------------------------------
+def histories(rows: pd.DataFrame) -> pd.DataFrame:
+    """Every ok run's evaluation history (the model as trained; DyLoRA's per-rank settings left out)."""
+    frames = []
+    for row in ok_rows(rows).itertuples():
+        path = Path(row.artifacts) / "history.parquet"
+        if not path.exists():
+            continue
+        history = pd.read_parquet(path)
+        if "setting" in history:
+            history = history[history.setting.isna()]
+        frames.append(history[["step", "epoch", "train_loss", "score"]].assign(
+            group=row.group, task=row.task, seed=row.seed, run_key=row.run_key))
+    columns = ["step", "epoch", "train_loss", "score", "group", "task", "seed", "run_key"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def rank_scores(rows: pd.DataFrame) -> pd.DataFrame:
+    """DyLoRA's score per evaluated rank as long rows, at the run's best evaluation (the one the table scores),
+    from its history; a run without history gives its row's rank_scores_json (those of its last evaluation)."""
+    ok = ok_rows(rows)
+    ok = ok[ok.rank_scores_json.notna()]
+    out = []
+    for row in ok.itertuples():
+        settings = json.loads(row.rank_scores_json)
+        path = Path(row.artifacts) / "history.parquet"
+        if path.exists():
+            history = pd.read_parquet(path)
+            if "setting" in history:
+                at_best = history[history.setting.notna() & (history.step == row.best_step)]
+                settings = dict(zip(at_best.setting, at_best.score)) or settings
+        for label, score in settings.items():
+            digits = re.findall(r"\d+", str(label))
+            out.append({"group": row.group, "task": row.task, "seed": row.seed, "setting": str(label),
+                        "rank": int(digits[-1]) if digits else np.nan, "score": score})
+    return pd.DataFrame(out, columns=["group", "task", "seed", "setting", "rank", "score"])

@@ -1,0 +1,41 @@
+"""Report rows: loading says how to fix an empty folder, select keeps the baselines, two configs are never
+mixed as seeds, DyLoRA's rank curve is read at the best evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from harness import report
+
+
+def test_rows_mixing_two_configs_as_seeds_are_refused(report_rows_dir):
+    rows = report.load(report_rows_dir)
+    twin = rows[rows.status == "ok"].iloc[[0]].copy()
+    config = json.loads(twin.config_json.iloc[0])
+    config["train"]["lr"] = 0.123
+    twin["config_json"] = json.dumps(config)
+    twin["run_key"] = "0" * 16
+    with pytest.raises(report.ReportError, match=r"differ in train\.lr"):
+        report.paper_table(pd.concat([rows, twin], ignore_index=True))
+
+
+def test_select_keeps_rank_free_baselines(report_rows_dir):
+    rows = report.select(report.load(report_rows_dir), tasks=["rte"], ranks=[8])
+    assert set(rows.task) == {"rte"}
+    assert set(zip(rows.variant, rows["rank"].fillna(-1))) == {("lora", 8), ("full", -1), ("head", -1)}
+    with pytest.raises(report.ReportError, match="variant .'dora'. not in these rows"):
+        report.select(rows, variants=["dora"])
+
+
+def test_dylora_rank_curve_is_read_at_the_best_evaluation(tmp_path):
+    """The table scores each run at its best evaluation; the rank curve must show the same evaluation."""
+    pd.DataFrame({"step": [10, 10, 10, 20, 20, 20], "setting": [None, "r=1", "r=8", None, "r=1", "r=8"],
+                  "score": [0.8, 0.6, 0.8, 0.5, 0.3, 0.5]}).to_parquet(tmp_path / "history.parquet")
+    rows = pd.DataFrame([{"status": "ok", "group": "dylora r=8", "task": "rte", "seed": 0, "best_step": 10,
+                          "artifacts": str(tmp_path), "config_json": "{}",
+                          "rank_scores_json": json.dumps({"r=1": 0.3, "r=8": 0.5})}])  # the last evaluation's
+    curve = report.rank_scores(rows).set_index("rank")
+    assert curve.score.to_dict() == {1: 0.6, 8: 0.8}
