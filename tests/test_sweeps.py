@@ -168,7 +168,7 @@ def test_glue_variants_runs_vera_once_per_task_and_seed_with_its_papers_recipe()
                     ["task=rte", "variant=lora", "variant.r=16"], ["task=rte", "variant=full", "recipe=fairseq_roberta"]]
 
 
-QUANTIZATION_KEYS = {"name", "quant", "double_quant", "block_size", "scaler_block_size", "backend", "compute_dtype"}
+QUANTIZATION_KEYS = {"name", "label", "quant", "double_quant", "block_size", "scaler_block_size", "backend", "compute_dtype"}
 
 
 @pytest.mark.parametrize("name", ["glue_variants", "cpu_glue"])
@@ -192,7 +192,7 @@ def test_in_the_comparison_sweeps_qlora_differs_from_lora_only_by_the_quantized_
         assert {k: v for k, v in qlora.items() if k != "variant"} == {k: v for k, v in lora.items() if k != "variant"}
         assert set(qlora["variant"]) - set(lora["variant"]) <= QUANTIZATION_KEYS
         assert {k: v for k, v in qlora["variant"].items() if k not in QUANTIZATION_KEYS} == \
-            {k: v for k, v in lora["variant"].items() if k != "name"}
+            {k: v for k, v in lora["variant"].items() if k not in ("name", "label")}
         pairs += 1
     assert pairs == len(tasks) * len(ranks)
 
