@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from harness import results, sweep
+from harness import results, sweep, warm_start
 from harness.errors import ConfigError, HarnessError, Interrupted
 from harness.run import run
 from harness.sweep import RunFailed
@@ -105,6 +105,7 @@ def run_job(cfg: DictConfig) -> float:
     unknown = unknown_added_keys(list(hydra_cfg.overrides.task), compose_in_app)
     if unknown:
         raise ConfigError("unknown config keys: " + " | ".join(unknown))
+    cfg = warm_start.resolve(cfg)  # init_from=<task> -> the source's run_key (the sweeper resolves it earlier)
     if cfg.dry_run:
         if multirun:
             raise ConfigError("dry_run=true lists a grid sweep's jobs without launching them, which only the "

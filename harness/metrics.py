@@ -41,6 +41,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 from sklearn import metrics as skm
 
@@ -160,6 +161,22 @@ def glue_metrics(
     if len(labels) == 0:
         raise ValueError("cannot compute metrics on empty predictions/labels")
     return {name: _GLUE_METRICS[name](predictions, labels) for name in metric_names}
+
+
+def constant_predictions(predictions: pd.DataFrame) -> bool | None:
+    """Whether a run's predictions on an evaluation split are constant: one class for every example, or zero
+    variance in regression (a `degenerate` run, whose MCC is 0 and whose correlations are undefined).
+
+    `predictions` is one checkpoint's per-example frame (columns `split`, `prediction`, as the trainer writes
+    them); every split is checked and any constant one makes the run degenerate. None when the frame has no
+    numeric `prediction` column (SQuAD's answers are spans) or no rows."""
+    if predictions is None or predictions.empty or "prediction" not in predictions:
+        return None
+    if not pd.api.types.is_numeric_dtype(predictions["prediction"]):
+        return None
+    by_split = (predictions.groupby("split")["prediction"] if "split" in predictions
+                else [(None, predictions["prediction"])])
+    return bool(any(np.ptp(np.asarray(split_values, dtype=float)) == 0 for _, split_values in by_split))
 
 
 def resampled_glue_metric(

@@ -47,12 +47,15 @@ SCHEMA = pa.schema(
     + [("task", _S), ("variant", _S), ("impl", _S), ("rank", _I), ("alpha", _F), ("seed", _I), ("model", _S),
        ("lr", _F), ("schedule", _S), ("warmup_steps", _I), ("batch_size", _I), ("grad_accum", _I), ("epochs", _F),
        ("max_steps", _I), ("max_seq_len", _I), ("targets", _S), ("targeted_modules", _I), ("precision", _S),
-       ("protocol", _S), ("train_examples", _I), ("eval_examples", _I), ("config_json", _S)]
+       ("protocol", _S), ("train_examples", _I), ("eval_examples", _I), ("init_from", _S), ("config_json", _S)]
     # sizes
     + [("trainable_params", _I), ("trainable_params_no_head", _I), ("head_params", _I), ("total_params", _I),
        ("adapter_bytes", _I), ("base_weight_bytes", _I)]
     # scores
     + [("primary_metric", _S), ("score_best", _F), ("score_last", _F), ("best_epoch", _F), ("best_step", _I)]
+    # train.selection (eval_best | last | heldout), the score of the evaluation it picks, and whether that
+    # checkpoint's predictions are constant (one class, or zero variance): a degenerate run
+    + [("selection", _S), ("score_selected", _F), ("selected_step", _I), ("degenerate", _B)]
     + [(f"metric_{m}", _F) for m in METRIC_NAMES]
     + [("last_metrics_json", _S), ("rank_scores_json", _S)]  # DyLoRA: {rank: primary metric} at the last eval
     # speed
@@ -81,7 +84,9 @@ KEY_VERSION = 2
 NOT_IN_KEY = {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run", "logger",
               "data.dir", "data.cache_dir", "train.num_workers", "train.log_every_steps", "train.eval_batch_size",
               "variant.label", "task.label"}  # labels: display names for tables (renaming one changes no number)
-ADDED_KEYS = {"train.head_lr": None, "train.group_by_length": False}
+ADDED_KEYS = {"train.head_lr": None, "train.group_by_length": False, "train.selection": "eval_best",
+              "data.selection_fraction": 0.1, "init_from": None,  # warm start (issue 14)
+              "variant.frozen": False}  # DyLoRA: frozen=false (the old mode) keeps old keys; true, new ones
 
 
 def semantic_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from harness import adapters, models, results, tasks, trackers
+from harness import adapters, metrics, models, results, tasks, trackers, warm_start
 from harness.checkpoint import save_adapter
 from harness.errors import ConfigError, Diverged, HarnessError, Interrupted, NoScore, require
 from harness.train import (TrainOutcome, concrete_precision, padding_ratio, resolve_device, resolve_precision, train,
@@ -133,7 +133,7 @@ def config_columns(cfg: DictConfig, key: str) -> dict[str, Any]:
         "rank": variant.get("r"), "alpha": variant.get("alpha"),
         "lr": cfg.train.lr, "schedule": cfg.train.schedule, "batch_size": cfg.train.batch_size,
         "grad_accum": cfg.train.grad_accum, "max_steps": cfg.train.max_steps, "max_seq_len": cfg.task.max_seq_len,
-        "precision": cfg.train.precision,
+        "precision": cfg.train.precision, "init_from": cfg.get("init_from"),
         "config_json": json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str),
         "versions_json": json.dumps(results.library_versions()),
     }
@@ -168,6 +168,7 @@ def run_start_time() -> float:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one configuration and return its results row (as a dict)."""
     started = run_start_time()
+    cfg = warm_start.resolve(cfg)  # init_from=task=<name> -> the source's run_key, part of this run's key
     key = results.run_key(cfg)
     existing = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, key))
     if results.is_done(existing):
@@ -196,7 +197,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             resolve_precision(cfg.train.precision, device)
             row["precision"] = concrete_precision(cfg.train.precision, device)  # what auto chose
             row["device"] = describe_device(device)
+            source = warm_start.source_checkpoint(cfg)[0] if cfg.get("init_from") else None  # before loading anything
             variant = adapters.build(cfg.variant)
+            variant.device = device
             task = tasks.get(cfg.task, cfg.data)
             row["primary_metric"] = task.primary_metric
             row["protocol"] = task.protocol_description()
@@ -204,21 +207,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir)
             model = loaded.model
             targeted = variant.prepare(model, loaded.head)
+            if source is not None:
+                loaded_names = warm_start.load_source_adapter(model, loaded.head, source)
+                log.info("init_from %s: %d adapter tensors from %s", cfg.init_from, len(loaded_names), source)
             row.update(count_parameters(model, loaded.head), targeted_modules=len(targeted),
                        targets=",".join(targeted), base_weight_bytes=base_weight_bytes(model))
             row["extra_json"] = json.dumps(variant.facts(model))
             model.to(device)
             train_set, eval_sets = task.datasets(loaded.tokenizer, cfg.seed)
+            selection_set = None
+            if cfg.train.get("selection", "eval_best") == "heldout":  # a slice of train picks the checkpoint
+                train_set, selection_set = task.selection_split(train_set)
+                log.info("train.selection=heldout: %d training rows pick the checkpoint, %d train",
+                         len(selection_set), len(train_set))
             row["train_examples"] = len(train_set)
             row["eval_examples"] = sum(len(d) for d in eval_sets.values())
             row["batch_size"] = batch_size_that_runs(cfg.train.batch_size, len(train_set))
             with watch_eval_outputs(model) as watch:
                 train(model, task, train_set, eval_sets, task.collate(loaded.tokenizer), variant, cfg.train,
-                      device, cfg.seed, outcome)
+                      device, cfg.seed, outcome, selection_set=selection_set)
             check_finite(model, outcome, watch, task.primary_metric)
             if cfg.save_adapter:
                 row["adapter_bytes"] = save_adapter(model, variant, artifacts / "adapter.safetensors")
-                if outcome.best is not None and outcome.best["step"] != outcome.last["step"]:
+                # adapter_best: the selected evaluation's tensors (train.selection), when it is not the last
+                if outcome.selected is not None and outcome.selected["step"] != outcome.last["step"]:
                     save_adapter(model, variant, artifacts / "adapter_best.safetensors", outcome.best_state)
                 variant.save_other_formats(model, artifacts)
             row["status"] = "ok"
@@ -304,7 +316,8 @@ def finish(cfg: DictConfig, row: dict[str, Any], outcome: TrainOutcome, artifact
     """Fill the score, speed and memory columns from what was measured, write the sibling files, then the row."""
     row["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if outcome.best is not None:
-        metric_values = {k: v for k, v in outcome.best.items() if k not in ("step", "epoch", "train_loss", "score")}
+        metric_values = {k: v for k, v in outcome.best.items()
+                         if k not in ("step", "epoch", "train_loss", "score", "selection_score")}
         unknown = set(metric_values) - set(results.METRIC_NAMES)
         if unknown:
             raise KeyError(f"task metrics {sorted(unknown)} have no results column; add them to results.METRIC_NAMES")
@@ -312,6 +325,9 @@ def finish(cfg: DictConfig, row: dict[str, Any], outcome: TrainOutcome, artifact
         row.update(score_best=outcome.best["score"], best_epoch=outcome.best["epoch"], best_step=outcome.best["step"],
                    score_last=outcome.last["score"], last_metrics_json=json.dumps(
                        {k: v for k, v in outcome.last.items() if k not in ("train_loss",)}))
+        row.update(selection=outcome.selection, score_selected=outcome.selected["score"],
+                   selected_step=outcome.selected["step"],
+                   degenerate=metrics.constant_predictions(outcome.predictions.get("selected")))
     if outcome.setting_scores:
         row["rank_scores_json"] = json.dumps(outcome.setting_scores)
     row.update(steps=outcome.steps, epochs=outcome.epochs, warmup_steps=outcome.warmup_steps,
@@ -331,7 +347,8 @@ def finish(cfg: DictConfig, row: dict[str, Any], outcome: TrainOutcome, artifact
     if outcome.history:
         results.atomic_write_parquet(pd.DataFrame(outcome.history), artifacts / "history.parquet")
     if outcome.predictions:
-        frames = [df.assign(checkpoint=name) for name, df in outcome.predictions.items()]
+        frames = [df.assign(checkpoint=name) for name, df in outcome.predictions.items()
+                  if name != "selected" or outcome.selection == "heldout"]  # eval_best's is "best", last's "last"
         results.atomic_write_parquet(pd.concat(frames, ignore_index=True), artifacts / "predictions.parquet")
     row["wall_seconds"] = time.time() - outcome.started_at  # up to the row's writing, the history's included
     path = results.write_row(cfg.results_dir, cfg.sweep_name, row)

@@ -134,6 +134,7 @@ class JobState:
     run_key: str
     status: str  # a row's status (ok, failed, ...) or "todo" when the run has no row yet
     device: str | None = None  # where the row was measured (its speed and memory belong to that device)
+    source: str | None = None  # run_key of the run this one starts from (init_from), if any
 
     @property
     def done(self) -> bool:
@@ -151,8 +152,39 @@ def job_state(cfg: DictConfig, overrides: list[str]) -> JobState:
 
 
 def job_states(jobs: Sequence[list[str]], compose: Callable[[list[str]], DictConfig]) -> list[JobState]:
-    """`job_state` of every job; `compose(overrides)` builds a job's config as the launcher will."""
-    return [job_state(compose(job), job) for job in jobs]
+    """`job_state` of every job; `compose(overrides)` builds a job's config as the launcher will. A job whose
+    init_from names a task (`task=mnli`) gets the run_key of the job it names as an added `init_from=<key>`
+    override, so its own key, and the run the launcher starts, include its source."""
+    from harness import warm_start
+
+    configs = [compose(job) for job in jobs]
+    resolved = warm_start.resolve_among_jobs(configs)
+    states = []
+    for job, before, cfg in zip(jobs, configs, resolved):
+        source = cfg.get("init_from")
+        if source != before.get("init_from"):
+            job = [o for o in job if override_key(o) != "init_from"] + [f"init_from={source}"]
+        state = job_state(cfg, job)
+        state.source = source
+        states.append(state)
+    return states
+
+
+def dependency_waves(states: Sequence[JobState]) -> list[list[JobState]]:
+    """The jobs to run in launch order: first those whose init_from source is not among them, then those that start
+    from a job of the first wave, and so on, so that a source's row exists before a run reads it."""
+    pending = list(states)
+    keys_pending = {s.run_key for s in pending}
+    waves: list[list[JobState]] = []
+    while pending:
+        wave = [s for s in pending if s.source not in keys_pending]
+        if not wave:
+            raise ConfigError("init_from forms a cycle among these jobs: "
+                              + ", ".join(f"{s.run_key} <- {s.source}" for s in pending))
+        waves.append(wave)
+        pending = [s for s in pending if s not in wave]
+        keys_pending = {s.run_key for s in pending}
+    return waves
 
 
 def format_listing(sweep_name: str, states: Sequence[JobState], other_rows: int = 0) -> str:

@@ -32,6 +32,9 @@ from harness.trackers import Trackers
 log = logging.getLogger(__name__)
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+# Which evaluation's checkpoint a run reports as `score_selected`: the best on the reported split (the papers'
+# protocol, optimistic), the last, or the best on a held-out slice of the training data (train.selection=heldout).
+SELECTIONS = ("eval_best", "last", "heldout")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_CHOICES = [*PRECISIONS, "auto"]
 MEGABATCH_BATCHES = 50  # train.group_by_length sorts within groups of this many batches (transformers' value)
@@ -167,11 +170,13 @@ class TrainOutcome:
     """Filled in as training goes, so a run that fails midway still reports what it measured."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
-    predictions: dict[str, pd.DataFrame] = field(default_factory=dict)  # "best" and "last"
+    predictions: dict[str, pd.DataFrame] = field(default_factory=dict)  # "best", "last" and "selected"
     best: dict[str, Any] | None = None
-    keep_best_state: bool = False  # copy the trained tensors at each new best evaluation (to save them)
-    best_state: dict[str, torch.Tensor] | None = None
+    keep_best_state: bool = False  # copy the trained tensors at each new selected evaluation (to save them)
+    best_state: dict[str, torch.Tensor] | None = None  # the tensors at the selected evaluation
     last: dict[str, Any] | None = None
+    selection: str = "eval_best"  # train.selection
+    selected: dict[str, Any] | None = None  # the evaluation train.selection picks
     setting_scores: dict[str, float] = field(default_factory=dict)  # DyLoRA: primary score per rank
     steps: int = 0
     warmup_steps: int = 0
@@ -319,6 +324,9 @@ def validate_train(cfg) -> None:
             cfg.gradient_checkpointing, "true or false")
     require(isinstance(cfg.get("group_by_length", False), bool), "train.group_by_length",
             cfg.get("group_by_length"), "true or false")
+    require(cfg.get("selection", "eval_best") in SELECTIONS, "train.selection", cfg.get("selection"),
+            f"one of {SELECTIONS}: the best evaluation on the reported split (the papers'), the last, or the best "
+            "on a held-out slice of the training data (data.selection_fraction)")
     # train.precision: resolve_precision, which also knows the device
 
 
@@ -357,10 +365,12 @@ def enable_activation_checkpointing(model) -> None:
 
 
 def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed: int,
-          outcome: TrainOutcome) -> TrainOutcome:
+          outcome: TrainOutcome, selection_set=None) -> TrainOutcome:
     """Train `model` in place; evaluate after every epoch (and every `eval_every_steps`).
 
-    `cfg` has passed `validate_train` (run() checks it before loading anything)."""
+    `cfg` has passed `validate_train` (run() checks it before loading anything). `selection_set` (with
+    train.selection=heldout) is scored at every evaluation too, and its best evaluation is the selected one."""
+    outcome.selection = cfg.get("selection", "eval_best")
     amp_dtype = resolve_precision(cfg.precision, device)
     loader = train_loader(train_set, collate, cfg, device, seed)
     total_steps, warmup, steps_per_epoch = schedule_steps(cfg, len(loader))
@@ -439,7 +449,7 @@ def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed
                 train_loss = running_loss / max(running_n, 1)
                 running_loss, running_n = 0.0, 0
                 evaluate_and_record(model, task, eval_sets, collate, variant, cfg, device, amp_dtype,
-                                    step, outcome.epochs, train_loss, outcome)
+                                    step, outcome.epochs, train_loss, outcome, selection_set)
                 model.train()
                 clock = time.perf_counter()
             if done:
@@ -570,11 +580,13 @@ def evaluate(model, task, eval_sets, collate, variant, cfg, device, amp_dtype, o
 
 
 def evaluate_and_record(model, task, eval_sets, collate, variant, cfg, device, amp_dtype,
-                        step, epoch, train_loss, outcome: TrainOutcome) -> None:
+                        step, epoch, train_loss, outcome: TrainOutcome, selection_set=None) -> None:
     results = evaluate(model, task, eval_sets, collate, variant, cfg, device, amp_dtype, outcome)
     metrics, predictions = results[None]
     score = metrics[task.primary_metric]
     entry = {"step": step, "epoch": epoch, "train_loss": train_loss, "score": score, **metrics}
+    if selection_set is not None:
+        entry["selection_score"] = selection_score(model, task, selection_set, collate, cfg, device, amp_dtype)
     outcome.history.append(entry)
     for label, (setting_metrics, _) in results.items():
         if label is not None:
@@ -589,8 +601,28 @@ def evaluate_and_record(model, task, eval_sets, collate, variant, cfg, device, a
     if outcome.best is None or better(score, outcome.best["score"]):
         outcome.best = entry
         outcome.predictions["best"] = predictions
-        if outcome.keep_best_state:
+    if is_selected(entry, outcome):
+        outcome.selected = entry
+        outcome.predictions["selected"] = predictions
+        if outcome.keep_best_state and outcome.selection != "last":  # the last state is the model as it ends
             outcome.best_state = adapter_state(model, variant)
+
+
+def is_selected(entry: dict[str, Any], outcome: TrainOutcome) -> bool:
+    """Whether this evaluation replaces the selected one: always for `last`; for `eval_best` a better score on
+    the reported split, for `heldout` a better score on the selection slice (the first of equals stays)."""
+    if outcome.selection == "last" or outcome.selected is None:
+        return True
+    key = "selection_score" if outcome.selection == "heldout" else "score"
+    return better(entry[key], outcome.selected[key])
+
+
+@torch.inference_mode()
+def selection_score(model, task, selection_set, collate, cfg, device, amp_dtype) -> float:
+    """The primary metric on the held-out slice of the training data (the model as trained, no variant setting)."""
+    outputs, _, _ = predict(model, task, selection_set, collate, cfg, device, amp_dtype)
+    metrics, _ = task.score(task.eval_splits[0], selection_set, outputs)
+    return metrics[task.primary_metric]
 
 
 def better(score: float, best: float) -> bool:

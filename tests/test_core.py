@@ -22,7 +22,8 @@ from harness.checkpoint import load_adapter
 from harness.errors import ConfigError, DataError, HubUnavailable
 from harness.inspect import inspect
 from harness.run import run
-from harness.train import SavedTensorMeter, build_optimizer, enable_activation_checkpointing, schedule_steps
+from harness.train import (SavedTensorMeter, build_optimizer, enable_activation_checkpointing, schedule_steps,
+                           validate_train)
 
 from conftest import CONF_DIR, REPO
 
@@ -663,3 +664,74 @@ def test_cli_default_fails_fast_offline_naming_the_overrides_that_work(tmp_path)
     assert done.returncode != 0
     assert time.monotonic() - start < 60
     assert "model=minilm" in done.stderr and "data.dir=" in done.stderr
+
+
+# ---- model selection and degenerate runs (issue 14) ---------------------------------------------------
+def test_selection_picks_the_best_eval_the_last_or_the_best_on_a_held_out_slice_of_train(make_cfg):
+    common = ["task=rte", "train.max_steps=6", "train.eval_every_steps=1", "train.lr=5e-3", "save_adapter=false"]
+    best = run(make_cfg(*common))
+    assert best["selection"] == "eval_best" and best["score_selected"] == best["score_best"]
+    assert best["selected_step"] == best["best_step"]
+    last = run(make_cfg(*common, "train.selection=last"))
+    assert last["score_selected"] == last["score_last"] and last["selected_step"] == 6
+    heldout_cfg = make_cfg(*common, "train.selection=heldout", "data.selection_fraction=0.25")
+    heldout = run(heldout_cfg)
+    assert heldout["status"] == "ok", heldout.get("error")
+    assert heldout["train_examples"] < best["train_examples"]  # the selection slice is not trained on
+    folder = results.artifacts_dir(heldout_cfg.results_dir, heldout_cfg.sweep_name, heldout["run_key"])
+    history = pd.read_parquet(folder / "history.parquet")
+    history = history[history["setting"].isna()] if "setting" in history else history
+    chosen = history.loc[history["selection_score"].idxmax()]  # idxmax: the first of equals, as the trainer keeps
+    assert heldout["selected_step"] == chosen["step"] and heldout["score_selected"] == chosen["score"]
+    assert set(pd.read_parquet(folder / "predictions.parquet").checkpoint) == {"best", "last", "selected"}
+    assert len({best["run_key"], last["run_key"], heldout["run_key"]}) == 3
+
+
+def test_the_selection_slice_keeps_rows_that_share_a_text_on_one_side(make_cfg, tiny_data_dir):
+    from harness import tasks
+
+    cfg = make_cfg("task=mrpc", "data.selection_fraction=0.3")
+    task = tasks.get(cfg.task, cfg.data)
+    loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir)
+    train, _ = task.datasets(loaded.tokenizer, 0)
+    fit, select = task.selection_split(train)
+    assert len(fit) + len(select) == len(train) and 0 < len(select) < len(train)
+    position = {idx: row for row, idx in enumerate(task.train_raw["idx"])}
+
+    def texts(ds):
+        rows = task.train_raw.select([position[i] for i in ds["idx"]])
+        return set(rows["sentence1"]) | set(rows["sentence2"])
+
+    assert not texts(fit) & texts(select)
+    again, _ = task.selection_split(train)
+    assert again["idx"] == fit["idx"]  # fixed: the same slice for every seed and variant
+
+
+def test_a_constant_prediction_is_degenerate_for_classes_and_for_regression():
+    from harness.metrics import constant_predictions
+
+    frame = lambda *values: pd.DataFrame({"split": "validation", "prediction": list(values)})  # noqa: E731
+    assert constant_predictions(frame(1, 1, 1)) is True and constant_predictions(frame(0, 1, 1)) is False
+    assert constant_predictions(frame(2.5, 2.5)) is True and constant_predictions(frame(2.5, 2.4)) is False
+    two_splits = pd.concat([frame(0, 1), frame(1, 1).assign(split="validation_mismatched")])
+    assert constant_predictions(two_splits) is True  # one constant split is enough
+    assert constant_predictions(pd.DataFrame({"prediction": ["an answer", "another"]})) is None  # SQuAD spans
+    assert constant_predictions(None) is None
+
+
+def test_rows_say_whether_the_selected_checkpoint_is_degenerate(make_cfg):
+    row = run(make_cfg("task=rte", "train.max_steps=2", "save_adapter=false"))
+    folder = results.artifacts_dir(make_cfg().results_dir, "default", row["run_key"])
+    best = pd.read_parquet(folder / "predictions.parquet").query("checkpoint == 'best'")
+    assert isinstance(row["degenerate"], bool) and row["degenerate"] == (best.prediction.nunique() == 1)
+
+
+def test_selection_at_its_default_leaves_existing_run_keys_alone(make_cfg):
+    semantic = results.semantic_config(make_cfg("task=rte"))
+    assert "selection" not in semantic["train"] and "selection_fraction" not in semantic["data"]
+    assert results.semantic_config(make_cfg("train.selection=last"))["train"]["selection"] == "last"
+
+
+def test_an_unknown_selection_is_a_clear_error(make_cfg):
+    with pytest.raises(ConfigError, match="train.selection"):
+        validate_train(make_cfg("train.selection=best").train)

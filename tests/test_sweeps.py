@@ -162,10 +162,66 @@ def test_every_sweep_is_a_named_multirun_with_its_params_in_the_file(name):
 def test_glue_variants_runs_vera_once_per_task_and_seed_with_its_papers_recipe():
     when = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "sweep" / "glue_variants.yaml").hydra.sweeper.when)
     jobs = sweep.expand_jobs(grid(task=["rte"], variant=["vera", "lora", "full"], **{"variant.r": ["4", "8", "16"]}),
-                             "lora", ["variant.r"], when)
+                             "lora", ["variant.r"], when, declared=[["variant=head"]])
     assert jobs == [["task=rte", "variant=vera", "recipe=vera_paper", "variant.r=1024"],
                     ["task=rte", "variant=lora", "variant.r=4"], ["task=rte", "variant=lora", "variant.r=8"],
                     ["task=rte", "variant=lora", "variant.r=16"], ["task=rte", "variant=full", "recipe=fairseq_roberta"]]
+
+
+QUANTIZATION_KEYS = {"name", "label", "quant", "double_quant", "block_size", "scaler_block_size", "backend", "compute_dtype"}
+
+
+@pytest.mark.parametrize("name", ["glue_variants", "cpu_glue"])
+def test_in_the_comparison_sweeps_qlora_differs_from_lora_only_by_the_quantized_base(name):
+    """The qlora column must measure quantization: same targets, r, alpha, dropout and training as LoRA's."""
+    sweep_file = OmegaConf.load(REPO / "conf" / "sweep" / f"{name}.yaml")
+    when = {condition: extra for condition, extra in OmegaConf.to_container(sweep_file.hydra.sweeper.when).items()
+            if not condition.startswith("variant=") or condition in ("variant=lora", "variant=qlora")}
+    ranks = str(sweep_file.hydra.sweeper.params["variant.r"]).split(",")
+    tasks = str(sweep_file.hydra.sweeper.params.task).split(",")
+    jobs = sweep.expand_jobs(grid(task=tasks, variant=["lora", "qlora"], **{"variant.r": ranks}), "lora",
+                             ["variant.r"], when)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        configs = {tuple(job): OmegaConf.to_container(compose(config_name="config", overrides=[f"+sweep={name}", *job]),
+                                                      resolve=True) for job in jobs}
+    pairs = 0
+    for job, qlora in configs.items():
+        if "variant=qlora" not in job:
+            continue
+        lora = configs[tuple("variant=lora" if o == "variant=qlora" else o for o in job)]
+        assert {k: v for k, v in qlora.items() if k != "variant"} == {k: v for k, v in lora.items() if k != "variant"}
+        assert set(qlora["variant"]) - set(lora["variant"]) <= QUANTIZATION_KEYS
+        assert {k: v for k, v in qlora["variant"].items() if k not in QUANTIZATION_KEYS} == \
+            {k: v for k, v in lora["variant"].items() if k not in ("name", "label")}
+        pairs += 1
+    assert pairs == len(tasks) * len(ranks)
+
+
+def test_lora_paper_is_the_table_and_lora_paper_scripts_what_the_scripts_ran():
+    def cfg(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    table, scripts = cfg("recipe=lora_paper", "task=rte"), cfg("recipe=lora_paper_scripts", "task=rte")
+    assert (table.train.batch_size, table.train.grad_accum, table.variant.alpha) == (32, 1, 8)
+    # roberta_base_rte.sh: num_gpus=8 x --per_device_train_batch_size 32, --lora_alpha 16
+    assert (scripts.train.batch_size * scripts.train.grad_accum, scripts.variant.alpha) == (256, 16)
+    assert (scripts.train.epochs, scripts.train.lr, scripts.task.max_seq_len) == (80, 5e-4, 512)
+    for task in ("mrpc", "rte", "stsb"):  # both warm-start from MNLI, as the scripts' --lora_path does
+        assert cfg("recipe=lora_paper", f"task={task}").init_from == "task=mnli"
+        assert cfg("recipe=lora_paper_scripts", f"task={task}").init_from == "task=mnli"
+    for task in ("mnli", "sst2", "cola", "qnli", "qqp"):
+        assert cfg("recipe=lora_paper", f"task={task}").init_from is None
+
+
+def test_recipe_qlora_paper_gives_the_qlora_papers_adapter_over_the_lora_papers_training():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        paper = compose(config_name="config", overrides=["recipe=qlora_paper", "variant=qlora", "task=mrpc"])
+        lora = compose(config_name="config", overrides=["recipe=lora_paper", "variant=qlora", "task=mrpc"])
+    variant = paper.variant
+    assert (variant.r, variant.alpha, variant.dropout, variant.all_linear) == (64, 16, 0.1, True)
+    assert (lora.variant.r, lora.variant.alpha, lora.variant.dropout, lora.variant.all_linear) == (8, 8, 0.0, False)
+    assert paper.train == lora.train and paper.task == lora.task
 
 
 def test_recipes_follow_the_papers():

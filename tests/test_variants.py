@@ -24,8 +24,9 @@ from conftest import SQUAD_SHORT_WINDOWS
 ADAPTERS = sorted(name for name, cls in VARIANTS.items() if issubclass(cls, AdapterVariant))
 PEFT_ADAPTERS = [name for name in ADAPTERS if VARIANTS[name].peft_supported]
 WITHOUT_PEFT = sorted(name for name, cls in VARIANTS.items() if not cls.peft_supported)
-# Small enough for the tiny model: VeRA's default r=1024 is the paper's roberta-base setting.
-TINY = {"vera": ["variant.r=32"]}
+# Small enough for the tiny model: VeRA's default r=1024 is the paper's roberta-base setting. QLoRA computes in fp32
+# here so that exact-equality tests read the same on every CPU (auto is bf16 only where the CPU has avx512_bf16).
+TINY = {"vera": ["variant.r=32"], "qlora": ["variant.compute_dtype=fp32"]}
 
 
 def build(cfg, adapter_seed: int | None = None):
@@ -322,6 +323,40 @@ def test_dylora_samples_every_rank_from_the_generator(make_cfg):
     assert drawn == {1, 2, 3, 4}
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+def test_dylora_frozen_mode_trains_only_the_sampled_component_as_the_reference_does(make_cfg, frozen):
+    """The reference (DyLoRA/loralib/DyLoRA.py, `dynamic.forward` with frozen=True) detaches components 1..b-1:
+    a step at rank b sends gradient to row b of A and column b of B only. frozen=false trains all b leading ones."""
+    model, variant, _ = build(make_cfg("variant=dylora", "variant.r=4", f"variant.frozen={str(frozen).lower()}"))
+    perturb(model)  # B off zero, so A gets gradient too
+    ids, labels = ids_and_labels()
+    model.train()
+    for b in (1, 3, 4):
+        variant.set_rank(model, b)
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=labels).loss.backward()
+        for _, layer in adapters.adapter_layers(model):
+            rows_with_grad = layer.lora_A.grad.abs().sum(1).nonzero().flatten().tolist()
+            cols_with_grad = layer.lora_B.grad.abs().sum(0).nonzero().flatten().tolist()
+            expected = [b - 1] if frozen else list(range(b))
+            assert rows_with_grad == expected and cols_with_grad == expected, (b, rows_with_grad, cols_with_grad)
+
+
+def test_dylora_frozen_mode_keeps_the_forward_of_all_b_leading_components(make_cfg):
+    """Detaching changes the gradient, not the output: both modes compute (alpha / b) B[:, :b] A[:b] x."""
+    frozen, variant, _ = build(make_cfg("variant=dylora", "variant.r=4", "variant.frozen=true"))
+    free, _, _ = build(make_cfg("variant=dylora", "variant.r=4", "variant.frozen=false"))
+    perturb(frozen), free.load_state_dict(frozen.state_dict())
+    ids, _ = ids_and_labels()
+    frozen.train(), free.train()
+    for model in (frozen, free):
+        variant.set_rank(model, 3)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    torch.testing.assert_close(frozen(input_ids=ids).logits, free(input_ids=ids).logits)
+
+
 def test_vera_matrices_are_one_tensor_and_the_same_for_the_same_seed(make_cfg):
     cfg = make_cfg("variant=vera", "variant.r=32", "variant.seed=7")
     model, variant, _ = build(cfg)
@@ -348,9 +383,34 @@ def test_qlora_quantizes_the_base_and_reports_its_bytes(make_cfg):
     int8, int8_variant, _ = build(make_cfg("variant=qlora", "variant.quant=int8"))
     assert facts["base_weight_bytes_after"] < int8_variant.facts(int8)["base_weight_bytes_after"] \
         < facts["base_weight_bytes_before"] / 3
-    lora, _, _ = build(make_cfg("variant=lora", "variant.r=64", "variant.all_linear=true"))
+    lora, _, _ = build(make_cfg("variant=lora"))
     # the packed base still stands for the same matrices: the total counts them as LoRA's does
     assert count_parameters(model, head) == count_parameters(int8, head) == count_parameters(lora, head)
+
+
+def test_qlora_computes_in_bf16_where_the_device_has_it_and_records_the_choice(make_cfg, monkeypatch):
+    from harness.adapters import qlora
+
+    monkeypatch.setattr(qlora, "cpu_has_bf16", lambda: False)
+    assert qlora.resolve_compute_dtype("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(qlora, "cpu_has_bf16", lambda: True)
+    assert qlora.resolve_compute_dtype("auto", torch.device("cpu")) == "bf16"
+    assert qlora.resolve_compute_dtype("fp32", torch.device("cpu")) == "fp32"
+    model, variant, _ = build(make_cfg("variant=qlora", "variant.compute_dtype=bf16"))
+    assert variant.facts(model)["compute_dtype"] == "bf16"
+    layer = next(layer for _, layer in adapters.adapter_layers(model))
+    seen = []
+    layer.base.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+    x = torch.randn(2, 5, layer.in_features)
+    exact = x @ layer.base.dequantized_weight(torch.float32).T + layer.base.bias
+    out = layer.base(x)
+    assert seen == [torch.float32]  # cast back to the input's dtype, as bitsandbytes' Linear4bit does
+    assert 0 < (out - exact).abs().max() < 0.05 * exact.abs().max()  # computed in bf16: close, not exact
+    fp32, fp32_variant, _ = build(make_cfg("variant=qlora", "variant.compute_dtype=fp32"))
+    fp32_layer = next(layer for _, layer in adapters.adapter_layers(fp32))
+    torch.testing.assert_close(fp32_layer.base(x), x @ fp32_layer.base.dequantized_weight(torch.float32).T
+                               + fp32_layer.base.bias)
+    assert fp32_variant.facts(fp32)["compute_dtype"] == "fp32"
 
 
 # ---- through the trainer -----------------------------------------------------------------------------

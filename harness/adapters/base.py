@@ -142,6 +142,7 @@ class Variant:
     name: ClassVar[str]
     uses_rank: ClassVar[bool] = False  # rank-free variants run once per task x seed in sweeps
     peft_supported: ClassVar[bool] = False
+    device: torch.device | None = None  # where the model will train, set by run() before prepare (QLoRA's dtype)
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -4,6 +4,15 @@ Each training step samples b uniformly from 1..r and uses only the first b compo
 alpha / b:  W x + (alpha / b) B[:, :b] A[:b] x. Components are thereby ordered by importance, and after
 training the adapter can be truncated to any rank b <= r without retraining. Evaluation scores the one
 trained adapter at full rank and at each rank of `eval_ranks`, giving a rank curve from a single run.
+
+Two training modes (`variant.frozen`):
+* frozen (default, the reference's): the step trains only the b-th component (row b of A, column b of B);
+  components 1..b-1 are in the forward but detached. The authors' training script sets it on every step:
+  `model.set_rank(new_rank, frozen=True)` in `callback_step.on_step_begin`
+  (huawei-noah/Efficient-NLP DyLoRA/examples/NLU/examples/text-classification/run_glue.py), and
+  `dynamic.forward` (DyLoRA/loralib/DyLoRA.py) then returns `cat([inputs[:, :rank].detach(), inputs[:, rank]])`.
+* frozen=false: the step trains all b leading components (the harness's mode before the reference was checked).
+The scaling is the same in both: the reference multiplies A and B each by sqrt(r / b), times alpha / r = alpha / b.
 """
 
 from __future__ import annotations
@@ -22,10 +31,11 @@ from harness.errors import require
 class DyLoRALinear(LoRALinear):
     """LoRA's layer using its first `active_rank` components with scaling alpha / active_rank."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, frozen: bool = True):
         super().__init__(base, r, alpha / r, dropout)
         self.alpha = alpha
         self.active_rank = r
+        self.frozen = frozen
 
     def set_rank(self, b: int) -> None:
         if not 1 <= b <= self.r:
@@ -35,20 +45,29 @@ class DyLoRALinear(LoRALinear):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         b = self.active_rank
+        if self.frozen and self.training and torch.is_grad_enabled():
+            # The reference's frozen mode: components 1..b-1 take part in the forward but get no gradient.
+            lora_A = torch.cat([self.lora_A[:b - 1].detach(), self.lora_A[b - 1:b]])
+            lora_B = torch.cat([self.lora_B[:, :b - 1].detach(), self.lora_B[:, b - 1:b]], dim=1)
+            return lora_A, lora_B, self.scaling
         return self.lora_A[:b], self.lora_B[:, :b], self.scaling  # views: the rank is a slice, not a copy
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, active_rank={self.active_rank}"
+        return f"{super().extra_repr()}, active_rank={self.active_rank}, frozen={self.frozen}"
 
 
 @register("dylora")
 class DyLoRA(LoRA):
-    """DyLoRA; keys r (the largest rank), alpha, eval_ranks (null: 1, 2, 4, ... below r, then r)."""
+    """DyLoRA; keys r (the largest rank), alpha, eval_ranks (null: 1, 2, 4, ... below r, then r), frozen (train only
+    the b-th component each step, as the reference does; false: all b leading ones)."""
 
     peft_supported = False
 
     def validate(self) -> None:
         super().validate()
+        frozen = self.option("frozen", True)
+        require(isinstance(frozen, bool), "variant.frozen", frozen,
+                "true (the reference's mode: train only the sampled b-th component) or false (train components 1..b)")
         ranks = self.option("eval_ranks")
         r = self.option("r")
         if ranks is not None:
@@ -64,7 +83,8 @@ class DyLoRA(LoRA):
         return [2**k for k in range(r.bit_length()) if 2**k < r] + [r]
 
     def make_layer(self, name: str, base: nn.Linear) -> DyLoRALinear:
-        return DyLoRALinear(base, self.option("r"), self.option("alpha"), self.option("dropout", 0.0))
+        return DyLoRALinear(base, self.option("r"), self.option("alpha"), self.option("dropout", 0.0),
+                            frozen=self.option("frozen", True))
 
     @staticmethod
     def set_rank(model: nn.Module, b: int) -> None:

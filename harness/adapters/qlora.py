@@ -2,7 +2,13 @@
 
 Every linear layer of the encoder (the task head excepted) keeps its weight in 4-bit NormalFloat (NF4) with
 double quantization (the per-block absmax scales are themselves quantized), or in int8 per output row; the
-LoRA adapters and the task head stay fp32. Weights are dequantized on the fly, one layer at a time.
+LoRA adapters and the task head stay fp32. Weights are dequantized on the fly, one layer at a time, and the
+base's matmuls run in the compute dtype (`variant.compute_dtype`): bf16 where the device has it, as the paper's
+(bitsandbytes' `bnb_4bit_compute_dtype=torch.bfloat16`), else fp32; the layer's output is cast back to its
+input's dtype, as bitsandbytes' Linear4bit does.
+
+The adapter config (targets, r, alpha, dropout) is LoRA's (conf/variant/qlora.yaml includes lora.yaml), so a
+qlora row differs from the lora row beside it by the quantized base alone; the paper's adapter is recipe=qlora_paper.
 
 Backends: torchao's NF4 and int8 tensors (CPU and CUDA; what torchtune uses for QLoRA), or bitsandbytes
 on CUDA when it is installed. Where neither can run, building the variant raises a ConfigError.
@@ -28,6 +34,31 @@ log = logging.getLogger(__name__)
 
 QUANT_TYPES = ("nf4", "int8")
 BACKENDS = ("auto", "torchao", "bitsandbytes")
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX; Linux's /proc/cpuinfo), not by emulation."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def device_has_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: CUDA compute capability 8.0+ (Ampere and later), or a CPU with avx512_bf16/AMX."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and cpu_has_bf16()
+
+
+def resolve_compute_dtype(requested: str, device: torch.device) -> str:
+    """`auto` -> bf16 where `device` has it in hardware, else fp32; bf16 and fp32 as asked."""
+    if requested != "auto":
+        return requested
+    return "bf16" if device_has_bf16(device) else "fp32"
 
 
 # ---- torchao ------------------------------------------------------------------------------------------
@@ -61,10 +92,12 @@ class TorchaoQuantizedLinear(nn.Linear):
     saved-tensor meter (which reads storages) never meets a storage-less tensor subclass.
     """
 
-    def __init__(self, linear: nn.Linear, quant_type: str, block_size: int, scaler_block_size: int):
+    def __init__(self, linear: nn.Linear, quant_type: str, block_size: int, scaler_block_size: int,
+                 compute_dtype: torch.dtype = torch.float32):
         nn.Module.__init__(self)  # not nn.Linear.__init__: no full-precision weight is ever allocated
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.quant_type = quant_type
+        self.compute_dtype = compute_dtype
         quantized = quantize_with_torchao(linear.weight.detach(), quant_type, block_size, scaler_block_size)
         self.parts, self.metadata = quantized.__tensor_flatten__()
         self.kind = type(quantized)
@@ -86,11 +119,12 @@ class TorchaoQuantizedLinear(nn.Linear):
         return dequantize(self.weight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = FrozenQuantizedMatmul.apply(x, self.weight)
+        out = FrozenQuantizedMatmul.apply(x.to(self.compute_dtype), self.weight).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {self.quant_type}, bias={self.bias is not None}"
+        return (f"in={self.in_features}, out={self.out_features}, {self.quant_type}, "
+                f"compute={str(self.compute_dtype).removeprefix('torch.')}, bias={self.bias is not None}")
 
 
 def quantize_with_torchao(weight: torch.Tensor, quant_type: str, block_size: int, scaler_block_size: int):
@@ -115,14 +149,15 @@ def quantize_with_torchao(weight: torch.Tensor, quant_type: str, block_size: int
 
 
 # ---- bitsandbytes (CUDA) ------------------------------------------------------------------------------
-def bitsandbytes_quantized_linear(linear: nn.Linear, quant_type: str, double_quant: bool) -> nn.Linear:
+def bitsandbytes_quantized_linear(linear: nn.Linear, quant_type: str, double_quant: bool,
+                                  compute_dtype: torch.dtype = torch.float32) -> nn.Linear:
     """bitsandbytes' Linear4bit (NF4) / Linear8bitLt holding `linear`'s weight; it quantizes on the move to CUDA.
     (Not exercised on this project's CPU machines.)"""
     import bitsandbytes as bnb
 
     has_bias = linear.bias is not None
     if quant_type == "nf4":
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=torch.float32,
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
                                   compress_statistics=double_quant, quant_type="nf4")
         layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=double_quant,
                                          quant_type="nf4")
@@ -160,7 +195,7 @@ def resolve_backend(requested: str) -> str:
 class QLoRALinear(LoRALinear):
     """LoRA on a quantized base. merge() cannot fold the update into 4-bit codes without requantizing (lossy), so
     it dequantizes once: the merged layer computes x (W_deq + s B A)^T + b in full precision, exactly what the
-    unmerged layer computes, at full-precision memory for that layer; unmerge() drops it and the quantized
+    unmerged layer computes with compute_dtype=fp32 (to bf16 rounding with bf16), at full-precision memory for that layer; unmerge() drops it and the quantized
     weight, never modified, is back in use."""
 
     def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
@@ -190,9 +225,9 @@ class QLoRALinear(LoRALinear):
 
 @register("qlora")
 class QLoRA(LoRA):
-    """LoRA (paper defaults: r=64, alpha=16, dropout 0.1, every linear layer) on an NF4/int8 base.
+    """LoRA (LoRA's adapter config; the QLoRA paper's is recipe=qlora_paper) on an NF4/int8 base.
 
-    `facts()` reports the encoder's linear-weight bytes before and after quantization.
+    `facts()` reports the encoder's linear-weight bytes before and after quantization, and the compute dtype.
     """
 
     peft_supported = False
@@ -208,22 +243,31 @@ class QLoRA(LoRA):
             value = self.option(key)
             require(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"variant.{key}", value,
                     "a positive integer")
+        require(self.option("compute_dtype", "auto") in ("auto", *COMPUTE_DTYPES), "variant.compute_dtype",
+                self.option("compute_dtype"), "auto (bf16 where the device has it, else fp32), bf16 or fp32")
         self.backend = resolve_backend(self.option("backend"))
         if self.backend == "torchao" and quant == "nf4" and not self.option("double_quant"):
             raise ConfigError("variant.double_quant=false: torchao's NF4 always double-quantizes its scales; "
                               "use variant.double_quant=true, or variant.backend=bitsandbytes on CUDA")
 
+    def compute_dtype(self) -> str:
+        """The base matmuls' dtype on the device this run trains on (run() sets `device`; else CUDA if present)."""
+        device = self.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_compute_dtype(self.option("compute_dtype", "auto"), device)
+
     def quantize(self, linear: nn.Linear) -> nn.Linear:
+        dtype = COMPUTE_DTYPES[self.resolved_compute_dtype]
         if self.backend == "bitsandbytes":
-            return bitsandbytes_quantized_linear(linear, self.option("quant"), self.option("double_quant"))
+            return bitsandbytes_quantized_linear(linear, self.option("quant"), self.option("double_quant"), dtype)
         return TorchaoQuantizedLinear(linear, self.option("quant"), self.option("block_size"),
-                                      self.option("scaler_block_size"))
+                                      self.option("scaler_block_size"), dtype)
 
     def inject(self, model: nn.Module, head: list[str]) -> list[str]:
         """Quantize every frozen linear layer of the encoder, then put LoRA on the targets."""
         linears = [(name, module) for name, module in model.named_modules()
                    if isinstance(module, nn.Linear) and not is_under(name, head) and not isinstance(module, AdapterLinear)]
         before = sum(weight_bytes(module.weight) for _, module in linears)
+        self.resolved_compute_dtype = self.compute_dtype()
         replace_modules(model, linears, lambda name, linear: self.quantize(linear))
         # bitsandbytes quantizes when the model moves to CUDA, after this point: its size is not known yet.
         after = (sum(weight_bytes(model.get_submodule(name).weight) for name, _ in linears)
@@ -231,7 +275,7 @@ class QLoRA(LoRA):
         self.quantization_facts = {
             "quant": self.option("quant"), "quant_backend": self.backend, "double_quant": self.option("double_quant"),
             "quantized_linear_layers": len(linears), "base_weight_bytes_before": before,
-            "base_weight_bytes_after": after,
+            "base_weight_bytes_after": after, "compute_dtype": self.resolved_compute_dtype,
         }
         return super().inject(model, head)
 

@@ -231,6 +231,22 @@ class Task:
             train_idx, eval_idx = next(splitter.split(rows))
         return np.sort(train_idx), np.sort(eval_idx)
 
+    def selection_split(self, train: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
+        """train.selection=heldout: (the rows that train, the rows that pick the checkpoint). A fixed share
+        (data.selection_fraction) of the training set, grouped as the holdout protocol groups (rows that share a
+        text are on one side), the same for every seed and variant (data.holdout_seed)."""
+        fraction = self.data_cfg.get("selection_fraction", 0.1)
+        require(isinstance(fraction, float) and 0 < fraction < 1, "data.selection_fraction", fraction,
+                "a fraction strictly between 0 and 1 (the share of the training data that selects the checkpoint)")
+        splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=self.data_cfg.get("holdout_seed", 0))
+        fit, select = next(splitter.split(np.arange(len(train)), groups=self.text_groups(train)))
+        return train.select(np.sort(fit)), train.select(np.sort(select))
+
+    def text_groups(self, train: datasets.Dataset) -> np.ndarray:
+        """A group label per training row (rows sharing a text share a label), for `selection_split`."""
+        raise ConfigError(f"train.selection=heldout is not implemented for task {self.name} (kind "
+                          f"{type(self).__name__}); use train.selection=eval_best or last")
+
     # ---- tokenized, cached --------------------------------------------------------------------------
     def cache_key(self, tokenizer, split_name: str, raw: datasets.Dataset) -> str:
         spec = {

@@ -11,7 +11,7 @@ from transformers import DataCollatorWithPadding
 from harness.errors import DataError, require
 from harness.metrics import glue_metrics
 from harness.tasks import register_kind
-from harness.tasks.base import Task
+from harness.tasks.base import Task, shared_value_groups
 
 
 @register_kind("glue")
@@ -63,6 +63,7 @@ class GlueTask(Task):
 
     def datasets(self, tokenizer, seed: int):
         train_raw, evals_raw = self.train_and_eval_raw()
+        self.train_raw = train_raw  # its texts group the rows for train.selection=heldout
         source = self.cfg.holdout.source_split if self.protocol == "holdout" else self.cfg.train_split
         self.check_labels("train" if self.protocol == "standard" else f"{source} (training part)", train_raw, source)
         for name, raw in evals_raw.items():
@@ -73,6 +74,11 @@ class GlueTask(Task):
         train = self.limit(train, "max_train_samples")
         evals = {name: self.limit(ds, "max_eval_samples") for name, ds in evals.items()}
         return train, evals
+
+    def text_groups(self, train: datasets.Dataset):
+        position = {idx: row for row, idx in enumerate(self.train_raw["idx"])}
+        rows = self.train_raw.select([position[idx] for idx in train["idx"]])
+        return shared_value_groups(rows.select_columns(list(self.cfg.text_columns)).to_pandas())
 
     def collate(self, tokenizer):
         pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")

@@ -89,8 +89,8 @@ class HarnessSweeper(BasicSweeper):
             int(launcher.get("array_parallelism") or 1) if "submitit" in str(launcher.get("_target_", "")) else 1)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from harness.sweep import (SWEEP_PID, SweepsFailed, format_listing, job_states, log_summary, other_rows,
-                                   sitting_start, stop_workers)
+        from harness.sweep import (SWEEP_PID, SweepsFailed, dependency_waves, format_listing, job_states, log_summary,
+                                   other_rows, sitting_start, stop_workers)
 
         started = sitting_start()
         sweep_name = self.config.get("sweep_name")
@@ -104,6 +104,7 @@ class HarnessSweeper(BasicSweeper):
                 log.info("skip run %s (%s): it already has an ok row", state.run_key, " ".join(state.overrides))
         todo = [s.overrides for s in states if not s.done]
         todo_keys = [s.run_key for s in states if not s.done]
+        waves = dependency_waves([s for s in states if not s.done])  # init_from sources run before their users
         log.info("sweep %s: %d jobs, %d already done, %d to run", sweep_name, len(states),
                  len(states) - len(todo), len(todo))
         kept_from = sorted({str(s.device) for s in states if s.done})
@@ -128,7 +129,13 @@ class HarnessSweeper(BasicSweeper):
 
         previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}
         try:
-            returns, failures = self.launch_batches(todo, todo_keys)
+            returns, failures, launched = [], 0, 0
+            for wave in waves:
+                wave_returns, wave_failures = self.launch_batches([s.overrides for s in wave], [s.run_key for s in wave],
+                                                                  first_idx=launched)
+                returns += wave_returns
+                failures += wave_failures
+                launched += len(wave)
         except KeyboardInterrupt:
             log.warning("sweep %s stopped by SIGINT/SIGTERM; the same command continues it", sweep_name)
             raise SystemExit(130) from None
@@ -146,9 +153,10 @@ class HarnessSweeper(BasicSweeper):
                                "re-running the same command retries them and skips the rest")
         return returns
 
-    def launch_batches(self, todo: List[List[str]], keys: List[str]) -> Tuple[List[Sequence[JobReturn]], int]:
-        """Launch the jobs (overrides `todo`, run_keys `keys`) batch by batch; (the launchers' returns, how many
-        jobs failed)."""
+    def launch_batches(self, todo: List[List[str]], keys: List[str],
+                       first_idx: int = 0) -> Tuple[List[Sequence[JobReturn]], int]:
+        """Launch the jobs (overrides `todo`, run_keys `keys`, numbered from `first_idx`) batch by batch; (the
+        launchers' returns, how many jobs failed)."""
         from joblib.externals.loky.process_executor import TerminatedWorkerError
 
         from harness import results as rows
@@ -158,7 +166,7 @@ class HarnessSweeper(BasicSweeper):
         returns: List[Sequence[JobReturn]] = []
         failures = 0
         size = self.batch_size() or max(1, len(todo))
-        job_idx = 0
+        job_idx = first_idx
         for start in range(0, len(todo), size):
             batch = todo[start:start + size]
             try:

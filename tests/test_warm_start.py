@@ -1,0 +1,168 @@
+"""init_from: a run starts from another run's trained adapter (the LoRA paper's MNLI warm start for MRPC, RTE, STS-B).
+
+Tiny random RoBERTa on the tiny data; MNLI trains with data.protocol=holdout (its train split is not local here)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness import adapters, results, sweep, warm_start
+from harness import run as run_module
+from harness.errors import ConfigError, HarnessError
+
+MNLI = ["task=mnli", "data.protocol=holdout"]
+
+
+def adapter_tensors(model, head) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if p.requires_grad and not adapters.base.is_under(n, head)}
+
+
+def test_rte_starts_from_the_mnli_runs_adapter_and_its_run_key_includes_mnlis(make_cfg, monkeypatch):
+    source = run_module.run(make_cfg(*MNLI))
+    assert source["status"] == "ok", source.get("error")
+    saved = results.artifacts_dir(make_cfg().results_dir, "default", source["run_key"])
+    checkpoint = saved / ("adapter_best.safetensors" if (saved / "adapter_best.safetensors").exists()
+                          else "adapter.safetensors")
+    mnli_adapter = {n: t for n, t in load_file(str(checkpoint)).items() if not n.startswith("classifier")}
+
+    seen = {}
+    real_train = run_module.train
+
+    def train_and_record_the_start(model, task, train_set, eval_sets, collate, variant, cfg, *args, **kwargs):
+        seen["start"] = adapter_tensors(model, variant.head)
+        seen["head"] = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("classifier")}
+        return real_train(model, task, train_set, eval_sets, collate, variant, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train", train_and_record_the_start)
+    cold = make_cfg("task=rte")
+    warm = make_cfg("task=rte", "init_from=mnli")
+    row = run_module.run(warm)
+    assert row["status"] == "ok", row.get("error")
+    assert row["init_from"] == source["run_key"]
+    assert row["run_key"] == results.run_key(warm_start.resolve(warm)) != results.run_key(cold)
+    assert set(seen["start"]) == set(mnli_adapter) and mnli_adapter
+    for name, tensor in mnli_adapter.items():
+        assert torch.equal(seen["start"][name], tensor), name
+    assert seen["head"]["classifier.out_proj.weight"].shape[0] == 2  # RTE's own fresh 2-label head, not MNLI's 3
+    # the same source named by its run_key gives the same run
+    assert results.run_key(make_cfg("task=rte", f"init_from={source['run_key']}")) == row["run_key"]
+
+
+def test_a_missing_source_is_a_clear_error_that_names_it(make_cfg):
+    with pytest.raises(ConfigError, match=r"init_from=task=mnli: no ok row of its source \(task=mnli variant=lora "
+                                          r"rank=8 seed=0 model=tiny_roberta\)"):
+        run_module.run(make_cfg("task=rte", "init_from=mnli"))
+    with pytest.raises(HarnessError, match=r"init_from=0123456789abcdef: the source run has no row"):
+        run_module.run(make_cfg("task=rte", "init_from=0123456789abcdef"))  # checked before anything loads
+
+
+def test_a_failed_source_fails_its_user_with_the_sources_key_and_status(make_cfg):
+    source = run_module.run(make_cfg(*MNLI, "train.lr=1e12"))  # blows up in training: a row that is not ok
+    assert source["status"] in ("failed", "diverged"), source["status"]
+    with pytest.raises(HarnessError, match=rf"init_from={source['run_key']}: the source run \(task=mnli .*\) ended "
+                                           rf"{source['status']}"):
+        run_module.run(make_cfg("task=rte", f"init_from={source['run_key']}"))
+
+
+def test_a_source_without_a_saved_adapter_or_of_another_variant_is_refused(make_cfg):
+    source = run_module.run(make_cfg(*MNLI, "save_adapter=false"))
+    with pytest.raises(HarnessError, match="save_adapter=true"):
+        run_module.run(make_cfg("task=rte", f"init_from={source['run_key']}"))
+    with pytest.raises(HarnessError, match="same adapter"):
+        run_module.run(make_cfg("task=rte", "variant=dora", f"init_from={source['run_key']}"))
+
+
+def test_init_from_that_names_nothing_is_a_config_error(make_cfg):
+    for value in ("'task=mnli;rm'", "12"):
+        with pytest.raises(ConfigError, match="names no run"):
+            warm_start.resolve(make_cfg("task=rte", f"init_from={value}"))
+    with pytest.raises(ConfigError, match="its own task"):
+        warm_start.resolve(make_cfg("task=rte", "init_from=rte"))
+
+
+def test_init_from_at_its_default_leaves_existing_run_keys_alone(make_cfg):
+    cfg = make_cfg("task=rte")
+    semantic = results.semantic_config(cfg)
+    assert "init_from" not in semantic and "frozen" not in semantic["variant"]
+    assert "frozen" not in results.semantic_config(make_cfg("variant=dylora", "variant.frozen=false"))["variant"]
+    assert results.semantic_config(make_cfg("variant=dylora"))["variant"]["frozen"] is True
+
+
+def test_sources_run_in_an_earlier_wave_than_the_runs_that_start_from_them():
+    states = [sweep.JobState(["a"], "k_rte", "todo", source="k_mnli"), sweep.JobState(["b"], "k_mnli", "todo"),
+              sweep.JobState(["c"], "k_sst2", "todo"), sweep.JobState(["d"], "k_mrpc", "todo", source="k_done")]
+    waves = [[s.run_key for s in wave] for wave in sweep.dependency_waves(states)]
+    assert waves == [["k_mnli", "k_sst2", "k_mrpc"], ["k_rte"]]  # k_done has a row already: no wait
+    with pytest.raises(ConfigError, match="cycle"):
+        sweep.dependency_waves([sweep.JobState(["a"], "x", "todo", source="y"),
+                                sweep.JobState(["b"], "y", "todo", source="x")])
+
+
+WARM_SWEEP = """# @package _global_
+# python -m harness +sweep=warm   (a test sweep: RTE listed first still runs after the MNLI run it starts from)
+defaults:
+  - override /hydra/sweeper: harness
+  - override /model: tiny_roberta
+
+hydra:
+  mode: MULTIRUN
+  sweeper:
+    params:
+      task: rte,mnli
+      variant: lora
+      variant.r: 4
+      seed: 0
+    when:
+      task=mnli: [data.protocol=holdout{mnli_extra}]
+      task=rte: [init_from=mnli]
+
+sweep_name: warm
+device: cpu
+data:
+  max_train_samples: 32
+  max_eval_samples: 16
+task:
+  max_seq_len: 64
+train:
+  max_steps: 3
+  batch_size: 8
+  eval_batch_size: 16
+"""
+
+
+def write_sweep(tmp_path: Path, mnli_extra: str = "") -> str:
+    folder = tmp_path / "extra_conf" / "sweep"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "warm.yaml").write_text(WARM_SWEEP.format(mnli_extra=mnli_extra))
+    return f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]"
+
+
+@pytest.mark.slow
+def test_a_sweep_over_mnli_and_rte_trains_mnli_first_and_rte_from_it(harness_cli, tmp_path):
+    searchpath = write_sweep(tmp_path)
+    done = harness_cli(searchpath, sweep="warm")
+    assert done.returncode == 0, done.stderr
+    rows = results.read_rows(harness_cli.results / "warm").set_index("task")
+    assert rows.loc["rte", "init_from"] == rows.loc["mnli", "run_key"]
+    logs = "\n".join(p.read_text() for p in sorted((harness_cli.results / "warm").glob("logs/*/*/__main__.log")))
+    started = re.findall(r"\brun ([0-9a-f]{16}): task=(\w+)", logs)
+    finished_mnli = logs.index(f"run {rows.loc['mnli', 'run_key']} ok")
+    assert [task for _, task in started] == ["mnli", "rte"]
+    assert logs.index(f"run {rows.loc['rte', 'run_key']}: task=rte") > finished_mnli
+    listing = harness_cli(searchpath, "dry_run=true", sweep="warm")
+    assert listing.stdout.count("\tok\t") == 2  # resumable: both keys are the same on the next sitting
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_source_fails_fails_the_dependent_run_naming_the_source(harness_cli, tmp_path):
+    done = harness_cli(write_sweep(tmp_path, mnli_extra=", train.lr=-1"), sweep="warm")
+    assert done.returncode != 0
+    rows = results.read_rows(harness_cli.results / "warm").set_index("task")
+    assert rows.loc["mnli", "status"] == "failed" and rows.loc["rte", "status"] == "failed"
+    assert rows.loc["mnli", "run_key"] in rows.loc["rte", "error"] and "ended failed" in rows.loc["rte", "error"]
