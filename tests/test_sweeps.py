@@ -371,6 +371,10 @@ def test_fail_fast_stops_the_sweep_at_the_first_failure(harness_cli):
     assert rows(harness_cli.results) == {}, "the first job stopped the sweep before the second ran"
 
 
+# A run's first log line, then (after the token cache's lines) its "training N steps" line: that run is training.
+RUN_TRAINING = r"run ([0-9a-f]{16}): .*\n(?:.*token cache.*\n)*.*training \d+ steps"
+
+
 def test_a_sweep_killed_midway_loses_no_row_and_repeats_no_finished_run(harness_cli):
     """SIGKILL in one sitting, SIGTERM (an `interrupted` row) in the next, then the same command to the end."""
     # ~4 s of training per run: long enough that the run seen training is still training when SIGTERM lands
@@ -386,7 +390,7 @@ def test_a_sweep_killed_midway_loses_no_row_and_repeats_no_finished_run(harness_
 
     first_sitting = frozenset(results_dir.glob("*/logs/*/*/__main__.log"))
     second = harness_cli(*grid_args, wait=False)
-    in_flight = wait_for(lambda: re.findall(r"run ([0-9a-f]{16}): .*\n.*training \d+ steps",
+    in_flight = wait_for(lambda: re.findall(RUN_TRAINING,
                                             job_logs(results_dir, skip=first_sitting)),
                          what="a run of the second sitting training")[-1]  # the newest: still training
     assert in_flight not in ok_after_first
@@ -408,7 +412,7 @@ LONG_RUNS = ["task=rte", "variant=lora,full", "variant.r=4", "train.max_steps=50
 
 def runs_training(results_dir: Path) -> set[str]:
     """The keys of the runs training now, once both of LONG_RUNS's are (else an empty set)."""
-    keys = set(re.findall(r"run ([0-9a-f]{16}): .*\n.*training \d+ steps", job_logs(results_dir)))
+    keys = set(re.findall(RUN_TRAINING, job_logs(results_dir)))
     return keys if len(keys) == 2 else set()
 
 
