@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -23,6 +24,31 @@ SQUAD_SHORT_WINDOWS = ["task.max_seq_len=48", "task.doc_stride=16", "task.max_qu
 
 WORDS = ("the movie was good bad great dull a cat dog sat on mat film plot cast wonderful lifeless "
          "company profit rose said plan budget small capital france paris city").split()
+
+
+def wait_for(condition, timeout: float = 300, what: str = "condition", poll_s: float = 0.2):
+    """Poll `condition()` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def merged_and_composed(layer, x):
+    """The layer's outputs and the gradients of (x, A, B) through its merged-weight path, then its composed one."""
+    outputs, grads = [], []
+    for min_tokens in (0, 2**62):  # merged, then composed
+        layer.merged_path_min_tokens = min_tokens
+        y = layer(x)
+        y.square().sum().backward()
+        outputs.append(y.detach())
+        grads.append([t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)])
+        for t in (x, layer.lora_A, layer.lora_B):
+            t.grad = None
+    return outputs, grads
 
 
 def sentence(rng: np.random.Generator, n: int = 8) -> str:

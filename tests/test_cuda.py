@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import merged_and_composed
 from harness import adapters
 from harness.adapters.lora import LoRALinear
 from harness.run import run
@@ -39,15 +40,7 @@ def test_merged_and_composed_paths_agree_on_cuda(make_cfg, variant):
     layer = adapters.build(cfg.variant).make_layer("q", torch.nn.Linear(64, 48).requires_grad_(False)).cuda()
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(4, 700, 64, device="cuda", requires_grad=True)
-    outputs, grads = [], []
-    for min_tokens in (0, 2**62):  # merged, then composed
-        layer.merged_path_min_tokens = min_tokens
-        y = layer(x)
-        (y.square().sum()).backward()
-        outputs.append(y.detach())
-        grads.append([t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)])
-        for t in (x, layer.lora_A, layer.lora_B):
-            t.grad = None
+    outputs, grads = merged_and_composed(layer, x)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
     for merged, composed in zip(*grads):
         torch.testing.assert_close(merged, composed, rtol=1e-3, atol=1e-3)

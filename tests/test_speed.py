@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import merged_and_composed
 from harness import adapters, models, results, tasks
 from harness.run import run
 from harness.train import LengthGroupedBatches, bf16_supported, concrete_precision, predict, sequence_lengths
@@ -189,15 +190,7 @@ def test_merged_and_composed_adapter_paths_agree_and_the_token_count_picks_one(m
     assert "Function" not in type(layer(short).grad_fn).__name__  # few tokens: the composed ops
     assert "Function" in type(layer(long).grad_fn).__name__  # from the threshold on: through the merged weight
     x = torch.randn(3, 50, 64, requires_grad=True)
-    outputs, grads = [], []
-    for min_tokens in (0, 2**62):  # merged, then composed
-        layer.merged_path_min_tokens = min_tokens
-        y = layer(x)
-        y.square().sum().backward()
-        outputs.append(y.detach())
-        grads.append([t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)])
-        for t in (x, layer.lora_A, layer.lora_B):
-            t.grad = None
+    outputs, grads = merged_and_composed(layer, x)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
     for merged, composed in zip(*grads):
         torch.testing.assert_close(merged, composed, rtol=1e-4, atol=1e-4)

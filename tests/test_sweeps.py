@@ -23,6 +23,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from conftest import wait_for
 from harness import results, sweep
 from harness import run as run_module
 from harness.errors import ConfigError, Interrupted
@@ -60,14 +61,6 @@ def rows(results_dir: Path, sweep_name: str = "smoke") -> dict[str, dict]:
                                       for p in sorted(results.runs_dir(results_dir, sweep_name).glob("*.parquet")))}
 
 
-def wait_for(condition, timeout: float = 300, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def fake_rank_used(variant: str) -> bool:

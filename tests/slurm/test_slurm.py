@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import wait_for as shared_wait_for
 from harness import results
 from harness import sweep as sweep_module
 
@@ -101,14 +102,10 @@ def job_logs(results_dir: Path) -> str:
     return "\n".join(p.read_text() for p in sorted(results_dir.glob(f"{SWEEP}/logs/*/*/__main__.log")))
 
 
+
+
 def wait_for(condition, timeout: float = 300, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return shared_wait_for(condition, timeout, what, poll_s=0.5)
 
 
 def running(name: str) -> list[str]:
