@@ -38,15 +38,15 @@ from harness.report.plots import (pareto_front, planned_plots, plot_efficiency, 
                                   plot_score_vs_rank, plot_training_curves, save_figure)
 from harness.report.render import (Cell, Grid, csv_text, efficiency_grid, fixed, format_count, format_sig, latex,
                                    markdown, param_count_grid, results_csv, results_grid)
-from harness.report.rows import (ReportError, failures, group_key, histories, load, ok_rows, rank_scores,
-                                 read_predictions, select)
+from harness.report.rows import (SELECTIONS, ReportError, apply_selection, degenerate_at, failures, group_key,
+                                 histories, load, ok_rows, rank_scores, read_predictions, select)
 from harness.report.statistics import LEVEL, RESAMPLES, SEED, paired_bootstrap, resampled_metric
-from harness.report.tables import (Column, PaperTable, efficiency_frame, paper_table, param_count_frame,
-                                   published_params, table_columns)
+from harness.report.tables import (Column, PaperTable, budget_warnings, efficiency_frame, inflation_table, paper_table,
+                                   param_count_frame, published_params, table_columns)
 
 __all__ = [
     "COLUMN_LABELS", "COMPANIONS", "EXTRAS", "LEVEL", "METRIC_LABELS", "RESAMPLES", "SEED", "TASK_ORDER",
-    "VARIANT_ORDER", "Cell", "Column", "Grid", "PaperTable", "ReportError", "build", "check", "column_label",
+    "SELECTIONS", "VARIANT_ORDER", "apply_selection", "budget_warnings", "degenerate_at", "inflation_table", "Cell", "Column", "Grid", "PaperTable", "ReportError", "build", "check", "column_label",
     "config_labels", "csv_text", "default_out", "efficiency_frame", "efficiency_grid", "failures", "fixed",
     "format_count", "format_sig", "group_key", "histories", "index_page", "latex", "load", "markdown", "ok_rows",
     "paired_bootstrap", "paper_table", "param_count_frame", "param_count_grid", "pareto_front", "planned_plots",
