@@ -39,3 +39,21 @@ def test_dylora_rank_curve_is_read_at_the_best_evaluation(tmp_path):
                           "rank_scores_json": json.dumps({"r=1": 0.3, "r=8": 0.5})}])  # the last evaluation's
     curve = report.rank_scores(rows).set_index("rank")
     assert curve.score.to_dict() == {1: 0.6, 8: 0.8}
+
+
+# ---- which evaluation a table reports (issue 14) -----------------------------------------------------
+def test_selection_switch_scores_every_run_at_the_last_evaluation_and_says_so(report_rows_dir):
+    rows = report.load(report_rows_dir)
+    last = report.apply_selection(rows, "last")
+    ok = last[last.status == "ok"]
+    for row in ok.itertuples():
+        recorded = json.loads(row.last_metrics_json)
+        assert row.metric_accuracy == recorded.get("accuracy") or pd.isna(row.metric_accuracy)
+        assert row.score_best == row.score_last
+    table = report.paper_table(last, resamples=50)
+    assert table.selection == "last"
+    assert "--selection last" in report.markdown(report.results_grid(table))
+    best = report.results_grid(report.paper_table(report.apply_selection(rows), resamples=50))
+    assert "eval_best" in best.caption
+    with pytest.raises(report.ReportError, match="--selection"):
+        report.apply_selection(rows, "best")

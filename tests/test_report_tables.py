@@ -25,7 +25,9 @@ def raw_rows(folder: Path) -> pd.DataFrame:
 def test_cells_are_medians_and_stds_of_the_rows(report_rows_dir):
     raw = raw_rows(report_rows_dir)
     ok = raw[raw.status == "ok"]
-    table = report.paper_table(report.load(report_rows_dir), resamples=100)
+    # two training steps leave the tiny model predicting one class: not what this test is about (see the
+    # degenerate test below), so every column counts in Avg. here
+    table = report.paper_table(report.load(report_rows_dir).assign(degenerate=False), resamples=100)
     metric = {"rte": "metric_accuracy", "stsb": "metric_pearson"}
     label = {"rte": "RTE", "stsb": "STS-B"}
     assert len(table.groups) == SETTINGS
@@ -99,3 +101,33 @@ def test_efficiency_table_shows_wall_and_setup_seconds_where_rows_have_them(repo
     old = rows.assign(wall_seconds=np.nan, setup_seconds=np.nan)  # rows from before the columns existed
     header = [cell.text for cell in report.efficiency_grid(report.efficiency_frame(old)).header]
     assert "Wall s" not in header
+
+
+# ---- degenerate runs and eval_best's inflation (issue 14) --------------------------------------------
+def test_degenerate_runs_are_marked_counted_and_an_all_degenerate_column_is_left_out_of_the_average(report_rows_dir):
+    rows = report.apply_selection(report.load(report_rows_dir))
+    for row in rows[rows.status == "ok"].itertuples():  # recomputed from the saved predictions
+        predictions = report.read_predictions(row.artifacts, "best")
+        assert row.degenerate == (predictions.prediction.nunique() == 1)
+    forced = rows.copy()
+    forced.loc[forced.task == "rte", "degenerate"] = True
+    forced.loc[forced.task != "rte", "degenerate"] = False
+    table = report.paper_table(forced, resamples=50)
+    assert table.degenerate_runs == int((forced[forced.status == "ok"].task == "rte").sum())
+    text = report.markdown(report.results_grid(table))
+    assert "°" in text and f"° {table.degenerate_runs} run(s)" in text and "Greyed out" in text
+    assert 'color:gray' in text
+    averages = table.cells[table.cells.column == "Avg."]
+    stsb = table.cells[table.cells.column == "STS-B"].set_index("group")["median"]
+    for cell in averages.itertuples():  # the average is STS-B alone once RTE is all degenerate
+        assert cell.median == pytest.approx(stsb[cell.group])
+
+
+def test_inflation_table_is_best_minus_last_in_points(report_rows_dir):
+    rows = report.load(report_rows_dir)
+    text = report.inflation_table(rows)
+    ok = rows[rows.status == "ok"]
+    lora4 = ok[(ok.variant == "lora") & (ok["rank"] == 4) & (ok.task == "rte")]
+    expected = ((lora4.score_best - lora4.score_last) * 100).median()
+    line = next(l for l in text.splitlines() if l.startswith("| LoRA | 4 |"))
+    assert line.split("|")[3].strip() == f"{expected:.1f}"  # columns: method, r, RTE, STS-B

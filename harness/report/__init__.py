@@ -2,6 +2,8 @@
 
     python -m harness.report results/cpu_glue            # writes results/cpu_glue/report/
     python -m harness.report results/cpu_glue --check    # regenerate the tables, fail with a diff if they changed
+    python -m harness.report results/cpu_glue --selection last   # score runs at their last evaluation
+    python -m harness.report results/cpu_glue --inflation        # points eval_best adds over last, per variant
 
 Reads every row under the given results folders (`<dir>/runs/*.parquet` or `<dir>/<sweep>/runs/*.parquet`)
 and writes next to them (`<dir>/report/`, or `--out`):
@@ -16,9 +18,10 @@ and writes next to them (`<dir>/report/`, or `--out`):
                                   curves, DyLoRA's rank curve
   README.md                       all of the above on one page
 
-Only `ok` rows enter the tables; the others are listed under the results table. Everything is a function
-of the committed rows (and, for parameter counts, of the code) and is deterministic, so `--check` can
-regenerate the text outputs in CI and compare them byte for byte. The notebook
+Only `ok` rows enter the tables; the others are listed under the results table. Cells with a degenerate run
+(constant predictions) are marked °; a column where every run is degenerate is greyed out and left out of Avg.
+Everything is a function of the committed rows (and, for parameter counts, of the code) and is deterministic,
+so `--check` can regenerate the text outputs in CI and compare them byte for byte. The notebook
 notebooks/compare_variants.ipynb calls the same functions (`load`, `select`, `paper_table`, ...).
 
 The modules, in the order a report is made:
@@ -38,15 +41,16 @@ from harness.report.plots import (pareto_front, planned_plots, plot_efficiency, 
                                   plot_score_vs_rank, plot_training_curves, save_figure)
 from harness.report.render import (Cell, Grid, csv_text, efficiency_grid, fixed, format_count, format_sig, latex,
                                    markdown, param_count_grid, results_csv, results_grid)
-from harness.report.rows import (ReportError, failures, group_key, histories, load, ok_rows, rank_scores,
-                                 read_predictions, select)
+from harness.report.rows import (SELECTIONS, ReportError, apply_selection, degenerate_at, failures, group_key,
+                                 histories, load, ok_rows, rank_scores, read_predictions, select)
 from harness.report.statistics import LEVEL, RESAMPLES, SEED, paired_bootstrap, resampled_metric
-from harness.report.tables import (Column, PaperTable, efficiency_frame, paper_table, param_count_frame,
-                                   published_params, table_columns)
+from harness.report.tables import (Column, PaperTable, budget_warnings, efficiency_frame, inflation_table, paper_table,
+                                   param_count_frame, published_params, table_columns)
 
 __all__ = [
     "COLUMN_LABELS", "COMPANIONS", "EXTRAS", "LEVEL", "METRIC_LABELS", "RESAMPLES", "SEED", "TASK_ORDER",
-    "VARIANT_ORDER", "Cell", "Column", "Grid", "PaperTable", "ReportError", "build", "check", "column_label",
+    "SELECTIONS", "VARIANT_ORDER", "apply_selection", "budget_warnings", "degenerate_at", "inflation_table",
+    "Cell", "Column", "Grid", "PaperTable", "ReportError", "build", "check", "column_label",
     "config_labels", "csv_text", "default_out", "efficiency_frame", "efficiency_grid", "failures", "fixed",
     "format_count", "format_sig", "group_key", "histories", "index_page", "latex", "load", "markdown", "ok_rows",
     "paired_bootstrap", "paper_table", "param_count_frame", "param_count_grid", "pareto_front", "planned_plots",

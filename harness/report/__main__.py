@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 import harness.report
 from harness.report.build import check, write_report
-from harness.report.rows import ReportError
+from harness.report.rows import SELECTIONS, ReportError, load
 from harness.report.statistics import RESAMPLES, SEED
+from harness.report.tables import inflation_table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,14 +23,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples (default %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED, help="bootstrap seed (default %(default)s)")
+    parser.add_argument("--selection", choices=list(SELECTIONS), default="eval_best",
+                        help="which evaluation each run is scored at: eval_best (the papers' protocol, default), last, "
+                             "or heldout (runs trained with train.selection=heldout); the caption says which")
+    parser.add_argument("--inflation", action="store_true",
+                        help="print, per variant and task, how many points eval_best adds over last, and exit")
     args = parser.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
     try:
+        if args.inflation:
+            print(inflation_table(load(*args.dirs)), end="")
+            return 0
         if args.check:
             return 0 if check(args.dirs, args.out, args.resamples, args.seed) else 1
-        out = write_report(args.dirs, args.out, not args.no_plots, args.resamples, args.seed)
+        out = write_report(args.dirs, args.out, not args.no_plots, args.resamples, args.seed, args.selection)
     except ReportError as err:
         print(f"harness.report: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from harness import results as results_io
 from harness.report.plots import planned_plots, save_figure
 from harness.report.render import (csv_text, efficiency_grid, latex, markdown, param_count_grid, results_csv,
                                    results_grid)
-from harness.report.rows import ReportError, load
+from harness.report.rows import ReportError, apply_selection, load
 from harness.report.statistics import LEVEL, RESAMPLES, SEED
 from harness.report.tables import efficiency_frame, paper_table, param_count_frame
 
@@ -22,9 +22,11 @@ TEXT_SUFFIXES = (".md", ".tex", ".csv")  # what --check compares (plots are rege
 
 
 # ---- writing and checking ----------------------------------------------------------------------------
-def build(rows: pd.DataFrame, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
-          ) -> tuple[dict[str, str], dict[str, Callable]]:
-    """Every text output ({file name: content}) and the plots ({name: draw()}) for `rows`."""
+def build(rows: pd.DataFrame, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL,
+          selection: str = "eval_best") -> tuple[dict[str, str], dict[str, Callable]]:
+    """Every text output ({file name: content}) and the plots ({name: draw()}) for `rows`, scored at the
+    evaluation `selection` names (eval_best, the papers' protocol; last; heldout)."""
+    rows = apply_selection(rows, selection)
     table = paper_table(rows, resamples=resamples, seed=seed, level=level)
     full = paper_table(rows, extra_metrics=True, resamples=resamples, seed=seed, level=level)
     efficiency = efficiency_frame(rows)
@@ -60,11 +62,11 @@ def index_page(rows: pd.DataFrame, texts: Mapping[str, str], plots: Mapping[str,
 
 
 def write_report(dirs: Sequence[str | Path], out: str | Path | None = None, plots: bool = True,
-                 resamples: int = RESAMPLES, seed: int = SEED) -> Path:
+                 resamples: int = RESAMPLES, seed: int = SEED, selection: str = "eval_best") -> Path:
     """Write the tables (and plots) for the rows under `dirs` into `out` (default `<dir>/report`)."""
     out = default_out(dirs) if out is None else Path(out)
     rows = load(*dirs)
-    texts, drawings = build(rows, resamples, seed)
+    texts, drawings = build(rows, resamples, seed, selection=selection)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
         (out / name).write_text(text)

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from harness import results as results_io
 from harness.errors import HarnessError
+from harness.metrics import constant_predictions
 from harness.report.labels import VARIANT_ORDER
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,63 @@ def read_predictions(artifacts: str | Path, checkpoint: str = "best", split: str
         frame = frame[frame.split == split]
     return frame.drop(columns=["checkpoint"], errors="ignore").reset_index(drop=True)
 
+
+
+# ---- which evaluation a table reports (--selection) and degenerate runs --------------------------------
+# The predictions' checkpoint name and the row's score column of each `--selection`.
+SELECTIONS = {"eval_best": ("best", "score_best"), "last": ("last", "score_last"), "heldout": ("selected", "score_selected")}
+
+
+def apply_selection(rows: pd.DataFrame, selection: str = "eval_best") -> pd.DataFrame:
+    """`rows` with metric_* (and score_best, which the plots read) taken at the evaluation `selection` names, and
+    the columns `checkpoint` (the predictions to test and to check for constancy) and `degenerate`.
+
+    eval_best keeps the rows as written; last reads each row's last_metrics_json; heldout keeps the rows trained
+    with train.selection=heldout and reads their history at the selected step. `degenerate` is recomputed from
+    the saved predictions at that checkpoint, so rows written before the column existed get it too."""
+    if selection not in SELECTIONS:
+        raise ReportError(f"--selection {selection!r}: use one of {', '.join(SELECTIONS)}")
+    checkpoint, score = SELECTIONS[selection]
+    rows = rows.copy()
+    for column in ("selection", "score_selected", "selected_step", "degenerate", "last_metrics_json"):
+        if column not in rows:
+            rows[column] = None
+    ok = rows.status == "ok"
+    if selection == "heldout":
+        rows = rows[~ok | (rows.selection == "heldout")].copy()
+        ok = rows.status == "ok"
+    metric_columns = [c for c in rows if c.startswith("metric_")]
+    for i in rows.index[ok]:
+        values = None
+        if selection == "last" and isinstance(rows.at[i, "last_metrics_json"], str):
+            values = json.loads(rows.at[i, "last_metrics_json"])
+        elif selection == "heldout":
+            history = Path(rows.at[i, "artifacts"]) / "history.parquet"
+            if history.exists():
+                frame = pd.read_parquet(history)
+                frame = frame[frame["setting"].isna()] if "setting" in frame else frame
+                hit = frame[frame.step == rows.at[i, "selected_step"]]
+                values = hit.iloc[0].to_dict() if len(hit) else None
+        if values is not None:
+            for column in metric_columns:
+                rows.at[i, column] = values.get(column.removeprefix("metric_"))
+        if selection != "eval_best":
+            rows.at[i, "score_best"] = rows.at[i, score]  # the plots and the rank curve read score_best
+    rows["checkpoint"] = checkpoint
+    # A row's own `degenerate` describes its train.selection's checkpoint (older rows: eval_best's).
+    rows["degenerate"] = [degenerate_at(a, checkpoint, d if (sel if isinstance(sel, str) else "eval_best") == selection
+                                        else None) if status == "ok" else None
+                          for a, status, d, sel in zip(rows.artifacts, rows.status, rows.degenerate, rows.selection)]
+    return rows
+
+
+def degenerate_at(artifacts: str | Path, checkpoint: str, recorded=None) -> bool | None:
+    """Whether the run's predictions at `checkpoint` are constant (harness.metrics.constant_predictions); the
+    row's own `degenerate` when the predictions were not saved."""
+    frame = read_predictions(artifacts, checkpoint)
+    if frame is None or frame.empty:
+        return None if recorded is None or pd.isna(recorded) else bool(recorded)
+    return constant_predictions(frame)
 
 
 # ---- histories and DyLoRA's rank scores --------------------------------------------------------------

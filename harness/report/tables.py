@@ -6,14 +6,15 @@ import json
 import re
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from harness.report.labels import COMPANIONS, EXTRAS, TASK_ORDER, column_label, task_label, task_position
-from harness.report.rows import ReportError, failures, ok_rows, read_predictions
+from harness.report.labels import (COMPANIONS, EXTRAS, TASK_ORDER, column_label, task_label, task_position,
+                                   variant_label)
+from harness.report.rows import SELECTIONS, ReportError, failures, ok_rows, read_predictions
 from harness.report.statistics import BOOTSTRAP_SCALE, LEVEL, RESAMPLES, SEED, paired_bootstrap
 
 
@@ -86,6 +87,9 @@ class PaperTable:
     resamples: int
     level: float
     seed: int
+    selection: str = "eval_best"
+    degenerate_runs: int = 0  # ok runs whose predictions at the table's checkpoint are constant
+    budgets: list[str] = field(default_factory=list)  # tasks whose rows trained on different budgets
 
     def cell(self, group: str, label: str) -> pd.Series | None:
         hit = self.cells[(self.cells.group == group) & (self.cells.column == label)]
@@ -121,10 +125,14 @@ def paper_table(rows: pd.DataFrame, extra_metrics: bool = False, resamples: int 
                           "min": values.min() if len(values) else np.nan,
                           "max": values.max() if len(values) else np.nan,
                           "seeds": ";".join(f"{int(s)}:{v:.6f}" for s, v in zip(part.seed[values.index], values)),
-                          "holdout": bool(part.holdout.any())})
+                          "holdout": bool(part.holdout.any()),
+                          "degenerate": int((part.degenerate == True).sum()) if "degenerate" in part else 0})  # noqa: E712
     cells = pd.DataFrame(cells)
     # Float noise (an MCC of -1e-17) must neither pick the bold cell nor print as -0.0.
     cells[["median", "std", "min", "max"]] = cells[["median", "std", "min", "max"]].round(9) + 0.0
+    # A column where every run of every row is degenerate measures nothing: greyed out, left out of the average.
+    cells["dead"] = cells.groupby("column")[["degenerate", "n_seeds"]].transform("sum").pipe(
+        lambda sums: sums.degenerate.ge(sums.n_seeds) & sums.n_seeds.gt(0))
     cells = pd.concat([cells, average_cells(cells, groups)], ignore_index=True)
     cells = cells.merge(groups[["group", "model"]], on="group")
     cells["best"] = cells.groupby(["model", "column"])["median"].transform("max").eq(cells["median"])
@@ -134,8 +142,11 @@ def paper_table(rows: pd.DataFrame, extra_metrics: bool = False, resamples: int 
     cells = cells.sort_values(["group", "column"], key=lambda s: s.map(order) if s.name == "group"
                               else s.map({label: i for i, label in enumerate(labels)})).reset_index(drop=True)
     protocols = sorted(set(ok.protocol[ok.holdout].dropna()))
+    selection = str(ok.checkpoint.iloc[0]) if "checkpoint" in ok else "best"
+    selection = {checkpoint: name for name, (checkpoint, _) in SELECTIONS.items()}.get(selection, "eval_best")
+    degenerate = int((ok.degenerate == True).sum()) if "degenerate" in ok else 0  # noqa: E712
     return PaperTable(columns, groups, cells, failures(rows), int(cells.n_seeds.max()), head_note(ok), protocols,
-                      untested, resamples, level, seed)
+                      untested, resamples, level, seed, selection, degenerate, budget_warnings(ok))
 
 
 def group_frame(ok: pd.DataFrame) -> pd.DataFrame:
@@ -151,7 +162,7 @@ def group_frame(ok: pd.DataFrame) -> pd.DataFrame:
 
 def average_cells(cells: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
     """Avg.: the mean of a row's primary-metric medians, only for rows that have every task of the table."""
-    primary = cells[cells.primary]
+    primary = cells[cells.primary & ~cells.get("dead", False)]
     tasks = set(primary.task)
     out = []
     for group in groups.group:
@@ -160,8 +171,29 @@ def average_cells(cells: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
         out.append({"group": group, "column": "Avg.", "task": "", "metric": "average", "primary": False,
                     "n_seeds": int(mine.n_seeds.min()) if len(mine) else 0,
                     "median": float(mine["median"].mean()) if complete else np.nan, "std": np.nan,
-                    "min": np.nan, "max": np.nan, "seeds": "", "holdout": bool(mine.holdout.any())})
+                    "min": np.nan, "max": np.nan, "seeds": "", "holdout": bool(mine.holdout.any()),
+                    "degenerate": 0, "dead": False})
     return pd.DataFrame(out)
+
+
+def budget_warnings(ok: pd.DataFrame) -> list[str]:
+    """One line per task whose rows trained on different budgets (epochs, steps, max length, training rows)."""
+    def budget(config: str) -> str:
+        cfg = json.loads(config)
+        train, data = cfg.get("train", {}), cfg.get("data", {})
+        parts = {"epochs": train.get("epochs") if train.get("max_steps") is None else None,
+                 "max_steps": train.get("max_steps"), "max_seq_len": cfg.get("task", {}).get("max_seq_len"),
+                 "max_train_samples": data.get("max_train_samples")}
+        return ", ".join(f"{k}={v}" for k, v in parts.items() if v is not None)
+
+    lines = []
+    for task, part in ok.groupby("task", sort=False):
+        budgets = part.assign(budget=[budget(c) for c in part.config_json]).groupby("budget").variant.agg(
+            lambda v: ", ".join(sorted(set(v))))
+        if len(budgets) > 1:
+            lines.append(f"Training budgets differ on {task_label(task)}: "
+                         + "; ".join(f"{b} ({v})" for b, v in budgets.items()))
+    return lines
 
 
 def mark_ties(cells: pd.DataFrame, ok: pd.DataFrame, columns: list[Column], resamples: int, seed: int,
@@ -173,9 +205,11 @@ def mark_ties(cells: pd.DataFrame, ok: pd.DataFrame, columns: list[Column], resa
     untested = []
     cache: dict[tuple[str, str | None], pd.DataFrame | None] = {}
 
+    checkpoint = str(ok.checkpoint.iloc[0]) if "checkpoint" in ok and len(ok) else "best"  # --selection
+
     def predictions(artifacts: str, split: str | None):
         if (artifacts, split) not in cache:
-            cache[(artifacts, split)] = read_predictions(artifacts, "best", split)
+            cache[(artifacts, split)] = read_predictions(artifacts, checkpoint, split)
         return cache[(artifacts, split)]
 
     for column in columns:
@@ -308,3 +342,24 @@ def param_count_frame(variants: Iterable[str] | None = None) -> pd.DataFrame:
                     "source": entry.source, "overrides": entry.overrides})
     return pd.DataFrame(out, columns=["variant", "setting", "model", "counted", "ours", "published", "ratio",
                                       "head_params", "source", "overrides"])
+
+
+
+# ---- eval_best's inflation ---------------------------------------------------------------------------
+def inflation_table(rows: pd.DataFrame) -> str:
+    """Markdown: per variant (row) and task (column), the median over seeds of score_best − score_last in points
+    (x100 for GLUE): how much the papers' eval_best protocol adds over reporting the last evaluation."""
+    ok = ok_rows(rows)
+    tasks = sorted(set(ok.task), key=task_position)
+    scales = {t: 100.0 if (ok[ok.task == t].kind == "glue").any() else 1.0 for t in tasks}  # as the table shows
+    lines = ["| Method | r | " + " | ".join(task_label(t) for t in tasks) + " | Mean |",
+             "|:---|---:|" + "---:|" * (len(tasks) + 1)]
+    for group, part in ok.groupby("group", sort=False):
+        gaps = [((p.score_best - p.score_last) * scales[t]).median()
+                for t in tasks for p in [part[part.task == t]]]
+        first = part.iloc[0]
+        rank = "–" if pd.isna(first["rank"]) else str(int(first["rank"]))
+        lines.append(f"| {variant_label(first.variant)} | {rank} | "
+                     + " | ".join("–" if pd.isna(g) else f"{g:.1f}" for g in gaps)
+                     + f" | {np.nanmean(gaps):.1f} |")
+    return "\n".join(lines) + "\n"
