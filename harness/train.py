@@ -27,6 +27,7 @@ from transformers import get_scheduler
 from harness.adapters.base import is_under
 from harness.checkpoint import adapter_state
 from harness.errors import ConfigError, Diverged, require
+from harness.hardware import bf16_supported
 from harness.trackers import Trackers
 
 log = logging.getLogger(__name__)
@@ -53,21 +54,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device={name!r} but only {torch.cuda.device_count()} CUDA devices are visible")
     return device
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether `device` computes bfloat16 natively: CUDA Ampere or newer (compute capability >= 8), or a CPU with
-    AVX512-BF16 or AMX. Elsewhere bf16 autocast runs, but emulated, slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8 and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as handle:
-                flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
 
 
 def concrete_precision(precision: str, device: torch.device) -> str:

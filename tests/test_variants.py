@@ -389,11 +389,12 @@ def test_qlora_quantizes_the_base_and_reports_its_bytes(make_cfg):
 
 
 def test_qlora_computes_in_bf16_where_the_device_has_it_and_records_the_choice(make_cfg, monkeypatch):
+    from harness import hardware
     from harness.adapters import qlora
 
-    monkeypatch.setattr(qlora, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
     assert qlora.resolve_compute_dtype("auto", torch.device("cpu")) == "fp32"
-    monkeypatch.setattr(qlora, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
     assert qlora.resolve_compute_dtype("auto", torch.device("cpu")) == "bf16"
     assert qlora.resolve_compute_dtype("fp32", torch.device("cpu")) == "fp32"
     model, variant, _ = build(make_cfg("variant=qlora", "variant.compute_dtype=bf16"))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness import hardware
 from harness.adapters.base import AdapterLinear, is_under, register, weight_bytes
 from harness.adapters.inject import replace_modules
 from harness.adapters.lora import LoRA, LoRALinear
@@ -37,28 +38,11 @@ BACKENDS = ("auto", "torchao", "bitsandbytes")
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX; Linux's /proc/cpuinfo), not by emulation."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def device_has_bf16(device: torch.device) -> bool:
-    """bf16 in hardware: CUDA compute capability 8.0+ (Ampere and later), or a CPU with avx512_bf16/AMX."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8
-    return device.type == "cpu" and cpu_has_bf16()
-
-
 def resolve_compute_dtype(requested: str, device: torch.device) -> str:
     """`auto` -> bf16 where `device` has it in hardware, else fp32; bf16 and fp32 as asked."""
     if requested != "auto":
         return requested
-    return "bf16" if device_has_bf16(device) else "fp32"
+    return "bf16" if hardware.bf16_supported(device) else "fp32"
 
 
 # ---- torchao ------------------------------------------------------------------------------------------
