@@ -10,9 +10,9 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from harness import results, sweep, warm_start
+from harness import results, slurm, sweep, warm_start
 from harness.errors import ConfigError, HarnessError, Interrupted
 from harness.run import run
 from harness.sweep import RunFailed
@@ -115,7 +115,7 @@ def run_job(cfg: DictConfig) -> float:
         print(sweep.format_listing(cfg.sweep_name, [state]), flush=True)
         return float("nan")
     sweep.configure_resources(hydra_cfg.launcher, int(hydra_cfg.job.get("num") or 0) if multirun else 0)
-    sweep.prepare_slurm_job()
+    slurm.prepare_slurm_job()
     if sweep.stopping():
         raise sweep.SweepStopping("not started: this worker was told to stop (SIGTERM/SIGINT)")
     key = results.run_key(cfg)
@@ -125,8 +125,8 @@ def run_job(cfg: DictConfig) -> float:
             row = run(cfg)
     except Interrupted as err:  # the row says "interrupted"; stop the sweep too (a launcher would go on)
         log.warning("stopping: %s", err)
-        if sweep.in_submitit_slurm_job():  # preempted: requeued to run again; at its time limit: a failed job
-            again, why = sweep.requeue_interrupted_slurm_job()
+        if slurm.in_submitit_slurm_job():  # preempted: requeued to run again; at its time limit: a failed job
+            again, why = slurm.requeue_interrupted_slurm_job()
             log.warning("%s", why)
             if again:  # no result for this attempt: the sweep waits for the requeued one
                 raise SystemExit(128 + err.signum) from err

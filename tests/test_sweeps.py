@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import wait_for
-from harness import results, sweep
+from harness import results, slurm, sweep
 from harness import run as run_module
 from harness.errors import ConfigError, Interrupted
 from harness.train import validate_train
@@ -572,8 +572,8 @@ def test_waiting_for_cluster_jobs_gives_up_on_a_job_whose_state_cannot_be_learne
     def sleep(seconds):
         now[0] += seconds
 
-    jobs = [sweep.ClusterJob(i, f"job {i}", lambda i=i: i in finished) for i in ("7_0", "7_1", "7_2")]
-    lost = sweep.await_cluster_jobs(jobs, states, unknown_timeout_s=300, ended_grace_s=30, query_every_s=10,
+    jobs = [slurm.ClusterJob(i, f"job {i}", lambda i=i: i in finished) for i in ("7_0", "7_1", "7_2")]
+    lost = slurm.await_cluster_jobs(jobs, states, unknown_timeout_s=300, ended_grace_s=30, query_every_s=10,
                                     clock=lambda: now[0], sleep=sleep)
     assert set(lost) == {"7_1", "7_2"}
     assert "SLURM job 7_1 ended CANCELLED, and no result came within 30 s" in lost["7_1"]

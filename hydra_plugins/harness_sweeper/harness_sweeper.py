@@ -147,7 +147,7 @@ class HarnessSweeper(BasicSweeper):
             if self.slurm_notes:
                 log.warning("SLURM stopped %d of those runs:\n  %s", len(self.slurm_notes), "\n  ".join(self.slurm_notes))
             if self.lost:
-                from harness.sweep import format_lost_jobs
+                from harness.slurm import format_lost_jobs
                 log.error("%s", format_lost_jobs(self.lost))
             raise SweepsFailed(f"{failures} of {len(todo)} jobs did not end ok (listed above); "
                                "re-running the same command retries them and skips the rest")
@@ -223,7 +223,7 @@ class HarnessSweeper(BasicSweeper):
         from hydra.core.utils import filter_overrides
         from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
-        from harness.sweep import ClusterJob, await_cluster_jobs
+        from harness.slurm import ClusterJob, await_cluster_jobs
 
         launcher = self.launcher
         params = dict(launcher.params)
