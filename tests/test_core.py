@@ -21,8 +21,9 @@ from harness import adapters, models, results, tasks
 from harness.checkpoint import load_adapter
 from harness.errors import ConfigError, DataError, HubUnavailable
 from harness.inspect import inspect
+from harness.meters import SavedTensorMeter
 from harness.run import run
-from harness.train import (SavedTensorMeter, build_optimizer, enable_activation_checkpointing, schedule_steps,
+from harness.train import (build_optimizer, enable_activation_checkpointing, schedule_steps,
                            validate_train)
 
 from conftest import CONF_DIR, REPO

@@ -17,7 +17,7 @@ from harness.checkpoint import load_adapter, save_adapter
 from harness.errors import ConfigError
 from harness.inspect import compose_config, inspect
 from harness.run import count_parameters, run
-from harness.train import SavedTensorMeter
+from harness.meters import SavedTensorMeter
 
 from conftest import SQUAD_SHORT_WINDOWS
 
