@@ -12,16 +12,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness import results, slurm, sweep, warm_start
-from harness.errors import ConfigError, HarnessError, Interrupted
+from harness import results, sweep, warm_start
+from harness.errors import ConfigError, HarnessError, Interrupted, RunBusy, RunFailed, SweepStopping
 from harness.run import run
-from harness.sweep import RunFailed
+from harness.sweep import lifecycle
 
 log = logging.getLogger("harness")
 
-__all__ = ["main", "RunFailed"]
+__all__ = ["main"]
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-JOB_ERROR_FILE = "error.txt"  # in a sweep job's log folder: why the job did not start (the summary lists it)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -34,22 +33,13 @@ def main(cfg: DictConfig) -> float:
         return run_job(cfg)
     except HarnessError as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            if not isinstance(err, (RunFailed, sweep.RunBusy, sweep.SweepStopping)):  # those have rows, or owners
-                record_job_error(Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), err)
+            if not isinstance(err, (RunFailed, RunBusy, SweepStopping)):  # those have rows, or owners
+                sweep.record_job_error(Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), err)
             raise
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"Error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1 if isinstance(err, RunFailed) else 2) from None
-
-
-def record_job_error(folder: Path, overrides: list[str], err: Exception) -> None:
-    """Write why a sweep job ended without an ok row (one line of overrides, one of error) beside its log."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / JOB_ERROR_FILE).write_text(f"{' '.join(overrides)}\n{type(err).__name__}: {err}\n")
-    except OSError:
-        pass
 
 
 def unknown_added_keys(overrides: list[str], compose: Callable[[list[str]], DictConfig]) -> list[str]:
@@ -96,9 +86,10 @@ def run_job(cfg: DictConfig) -> float:
 
     A run that does not end `ok` raises RunFailed after its row is written: a single run exits non-zero,
     and in a sweep the job is marked failed (the harness sweeper goes on unless fail_fast=true; optuna
-    records a failed trial). SIGTERM/SIGINT end the whole sweep, not just the current run: in the sweep's
-    own process the run exits the process; in a worker (joblib, submitit) it fails the job and the worker
-    starts no further run, while the sweep's process stops the sweep (see harness/sweep.py).
+    records a failed trial). This function owns the run's stop signals (harness/sweep/lifecycle.py): SIGTERM/SIGINT
+    end the whole sweep, not just the current run. In the sweep's own process the run exits the process; in a
+    worker (joblib, submitit) it fails the job and the worker starts no further run, while the sweep's process stops
+    the sweep; a preempted SLURM job requeues itself.
     """
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -115,26 +106,16 @@ def run_job(cfg: DictConfig) -> float:
         print(sweep.format_listing(cfg.sweep_name, [state]), flush=True)
         return float("nan")
     sweep.configure_resources(hydra_cfg.launcher, int(hydra_cfg.job.get("num") or 0) if multirun else 0)
-    slurm.prepare_slurm_job()
-    if sweep.stopping():
-        raise sweep.SweepStopping("not started: this worker was told to stop (SIGTERM/SIGINT)")
+    lifecycle.stop_between_runs()
+    if lifecycle.sweep_stopping():
+        raise SweepStopping("not started: this worker was told to stop (SIGTERM/SIGINT)")
     key = results.run_key(cfg)
     results.check_writable(cfg.results_dir, cfg.sweep_name)
     try:
-        with sweep.claim_run(cfg, key):
+        with sweep.claim_run(cfg, key), lifecycle.run_guard():
             row = run(cfg)
     except Interrupted as err:  # the row says "interrupted"; stop the sweep too (a launcher would go on)
-        log.warning("stopping: %s", err)
-        if slurm.in_submitit_slurm_job():  # preempted: requeued to run again; at its time limit: a failed job
-            again, why = slurm.requeue_interrupted_slurm_job()
-            log.warning("%s", why)
-            if again:  # no result for this attempt: the sweep waits for the requeued one
-                raise SystemExit(128 + err.signum) from err
-            raise RunFailed(f"run {key} interrupted ({err}); {why}") from err
-        sweep.mark_stopping()
-        if sweep.in_sweep_process():
-            raise SystemExit(128 + err.signum) from err
-        raise RunFailed(f"run {key} interrupted ({err}); its row says so") from err
+        lifecycle.end_interrupted_job(err, key)
     if row["status"] != "ok":
         raise RunFailed(f"run {row['run_key']} {row['status']}: {row['error']}")
     score = row.get("score_best")

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import socket
 import time
 import traceback
@@ -29,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import adapters, metrics, models, results, tasks, trackers, warm_start
 from harness.checkpoint import save_adapter
-from harness.errors import ConfigError, Diverged, HarnessError, Interrupted, NoScore, require
+from harness.errors import ConfigError, Diverged, HarnessError, NoScore, require
+from harness.sweep import lifecycle
 from harness.train import (TrainOutcome, concrete_precision, padding_ratio, resolve_device, resolve_precision, train,
                            validate_train)
 
@@ -76,53 +76,6 @@ def validate_top_level(cfg: DictConfig) -> None:
             "an integer from 0 to 2**32 - 1 (numpy's seed range)")
     require(isinstance(cfg.sweep_name, str) and cfg.sweep_name and "/" not in cfg.sweep_name,
             "sweep_name", cfg.sweep_name, "a non-empty name without '/'")
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-@contextlib.contextmanager
-def interrupts_as_exceptions():
-    """SIGTERM (cluster preemption, `kill`) and SIGINT (Ctrl-C) raise Interrupted, so the row gets written.
-
-    After the first signal both are ignored for good in this process (it is stopping): a second one (a group
-    kill and the sweeper passing it on, Ctrl-C twice) cannot cut the writing of the `interrupted` row short.
-    """
-    def handler(signum, frame):
-        for number in STOP_SIGNALS:
-            signal.signal(number, signal.SIG_IGN)
-        raise Interrupted(f"received {signal.Signals(signum).name}", signum)
-
-    try:
-        previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
-    except ValueError:  # not the main thread (e.g. a thread-based launcher): leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        if signal.getsignal(signal.SIGTERM) is handler:  # not interrupted: put back what was there
-            for number, previous_handler in previous.items():
-                signal.signal(number, previous_handler)
-
-
-@contextlib.contextmanager
-def signals_held():
-    """SIGTERM and SIGINT arriving in the block are delivered at its end, so that a finished run's row is
-    written whole before the process stops."""
-    held: list[int] = []
-    try:
-        previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in STOP_SIGNALS}
-    except ValueError:  # not the main thread: Python cannot catch signals here anyway
-        yield
-        return
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        for number in dict.fromkeys(held):
-            signal.raise_signal(number)
 
 
 def config_columns(cfg: DictConfig, key: str) -> dict[str, Any]:
@@ -188,7 +141,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = variant = None
     log.info("run %s: %s", key, describe(cfg))
     try:
-        with interrupts_as_exceptions():
+        with lifecycle.interruptible():  # a stop signal may cut the run here (under lifecycle.run_guard)
             outcome.tracker = trackers.Trackers.start(cfg, key, describe(cfg))
             row["tracker_run_ids"] = outcome.tracker.run_ids()
             validate_top_level(cfg)
@@ -236,7 +189,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             row["status"] = "ok"
     except KeyboardInterrupt as err:  # Interrupted (SIGTERM, SIGINT) is one
         row.update(status="interrupted", error=f"{type(err).__name__}: {err}")
-        finish(cfg, row, outcome, artifacts)  # further signals are ignored now (interrupts_as_exceptions)
+        finish(cfg, row, outcome, artifacts)  # further signals are ignored now (lifecycle.run_guard)
         raise
     except torch.cuda.OutOfMemoryError as err:
         row.update(status="oom", error=f"CUDA out of memory: {str(err).splitlines()[0]}")
@@ -251,7 +204,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - every failure becomes a row; the traceback goes to the log
         log.error("run %s failed:\n%s", key, traceback.format_exc())
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
-    with signals_held():
+    with lifecycle.stops_held():  # the row is written whole; a stop signal waits for it
         finish(cfg, row, outcome, artifacts)
     return row
 

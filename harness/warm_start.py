@@ -31,14 +31,10 @@ from torch import nn
 
 from harness import results
 from harness.adapters.base import is_under
-from harness.errors import ConfigError, HarnessError
+from harness.errors import ConfigError, SourceUnavailable
 
 RUN_KEY = re.compile(r"^[0-9a-f]{16}$")
 SELECTOR = re.compile(r"^(?:task=)?([A-Za-z][A-Za-z0-9_]*)$")  # `mnli` on the command line, `task=mnli` in YAML too
-
-
-class SourceUnavailable(HarnessError):
-    """The run named by init_from has no ok row, or saved no adapter: this run cannot start from it."""
 
 
 def selector_task(value: Any) -> str | None:

@@ -276,9 +276,9 @@ def test_pre_run_errors_write_no_row_and_failures_during_training_do(make_cfg):
 
 
 def test_the_sweep_summary_lists_jobs_that_did_not_start(tmp_path):
-    from harness.__main__ import record_job_error
-    record_job_error(tmp_path / "3", ["task=rte", "variant.r=100000"], ConfigError("variant.r=100000 is too large"))
-    record_job_error(tmp_path / "12", ["task=stsb"], DataError("split 'validation' is empty"))
+    sweep.record_job_error(tmp_path / "3", ["task=rte", "variant.r=100000"],
+                           ConfigError("variant.r=100000 is too large"))
+    sweep.record_job_error(tmp_path / "12", ["task=stsb"], DataError("split 'validation' is empty"))
     errors = sweep.job_errors(tmp_path)
     assert errors == [("task=rte variant.r=100000", "ConfigError: variant.r=100000 is too large"),
                       ("task=stsb", "DataError: split 'validation' is empty")]

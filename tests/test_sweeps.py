@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,9 +23,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import wait_for
-from harness import results, slurm, sweep
-from harness import run as run_module
-from harness.errors import ConfigError, Interrupted
+from harness import results, sweep
+from harness.errors import ConfigError, RunBusy
+from harness.sweep import lifecycle, resources, slurm
 from harness.train import validate_train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -256,7 +255,7 @@ def test_every_recipe_composes_with_every_task_into_a_valid_training_config(reci
 def test_a_run_is_claimed_by_one_process_and_freed_when_its_holder_is_killed(tmp_path):
     cfg = OmegaConf.create({"results_dir": str(tmp_path), "sweep_name": "s"})
     with sweep.claim_run(cfg, "k1"):
-        with pytest.raises(sweep.RunBusy, match="another process"), sweep.claim_run(cfg, "k1"):
+        with pytest.raises(RunBusy, match="another process"), sweep.claim_run(cfg, "k1"):
             pass
         with sweep.claim_run(cfg, "k2"):
             pass
@@ -264,7 +263,7 @@ def test_a_run_is_claimed_by_one_process_and_freed_when_its_holder_is_killed(tmp
         "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); "
         "time.sleep(60)"), str(sweep.lock_path(cfg, "k1"))], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(sweep.RunBusy):
+    with pytest.raises(RunBusy):
         with sweep.claim_run(cfg, "k1"):
             pass
     holder.kill()
@@ -274,24 +273,24 @@ def test_a_run_is_claimed_by_one_process_and_freed_when_its_holder_is_killed(tmp
 
 
 def test_parallel_jobs_get_distinct_gpus(tmp_path):
-    first = sweep.claim_gpu(["0", "1"], tmp_path, start=0)
-    second = sweep.claim_gpu(["0", "1"], tmp_path, start=0)
+    first = resources.claim_gpu(["0", "1"], tmp_path, start=0)
+    second = resources.claim_gpu(["0", "1"], tmp_path, start=0)
     assert {first[0], second[0]} == {"0", "1"}
-    assert sweep.claim_gpu(["0", "1"], tmp_path, start=1) is None  # all taken
+    assert resources.claim_gpu(["0", "1"], tmp_path, start=1) is None  # all taken
     first[1].close()
-    assert sweep.claim_gpu(["0", "1"], tmp_path, start=1)[0] == first[0]
+    assert resources.claim_gpu(["0", "1"], tmp_path, start=1)[0] == first[0]
 
 
 def test_a_local_parallel_job_pins_one_gpu_for_its_process_before_cuda_starts(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "visible_gpus", lambda: ["0", "1"])
-    monkeypatch.setattr(sweep, "_pinned_gpu", None)
+    monkeypatch.setattr(resources, "visible_gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(resources, "_pinned_gpu", None)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    assert sweep.pin_gpu(parallel_jobs=1, job_num=1, lock_dir=tmp_path) is None  # sequential: leave it alone
-    other = sweep.claim_gpu(["0", "1"], tmp_path, start=1)  # another worker already holds GPU 1
-    assert sweep.pin_gpu(parallel_jobs=2, job_num=1, lock_dir=tmp_path) == "0"
+    assert resources.pin_gpu(parallel_jobs=1, job_num=1, lock_dir=tmp_path) is None  # sequential: leave it alone
+    other = resources.claim_gpu(["0", "1"], tmp_path, start=1)  # another worker already holds GPU 1
+    assert resources.pin_gpu(parallel_jobs=2, job_num=1, lock_dir=tmp_path) == "0"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
-    assert sweep.pin_gpu(parallel_jobs=2, job_num=2, lock_dir=tmp_path) == "0", "kept for the process's life"
-    sweep._pinned_gpu[1].close()
+    assert resources.pin_gpu(parallel_jobs=2, job_num=2, lock_dir=tmp_path) == "0", "kept for the process's life"
+    resources._pinned_gpu[1].close()
     other[1].close()
 
 
@@ -299,19 +298,19 @@ def test_threads_per_job_keep_jobs_times_threads_within_the_cores(monkeypatch):
     monkeypatch.delenv("HARNESS_THREADS", raising=False)
     joblib = lambda n: OmegaConf.create({"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",  # noqa: E731
                                          "n_jobs": n})
-    assert [sweep.torch_threads(joblib(n), 8) for n in (1, 2, 3, 8, -1, -3)] == [8, 4, 2, 1, 1, 1]
-    assert sweep.local_parallel_jobs(joblib(-3), 8) == 6
+    assert [resources.torch_threads(joblib(n), 8) for n in (1, 2, 3, 8, -1, -3)] == [8, 4, 2, 1, 1, 1]
+    assert resources.local_parallel_jobs(joblib(-3), 8) == 6
     slurm = OmegaConf.create({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
                               "cpus_per_task": 10})
-    assert sweep.torch_threads(slurm, 64) == 10 and sweep.local_parallel_jobs(slurm, 64) == 1
-    assert sweep.torch_threads(OmegaConf.create({"_target_": "BasicLauncher"}), 8) is None
+    assert resources.torch_threads(slurm, 64) == 10 and resources.local_parallel_jobs(slurm, 64) == 1
+    assert resources.torch_threads(OmegaConf.create({"_target_": "BasicLauncher"}), 8) is None
     monkeypatch.setenv("HARNESS_THREADS", "3")
-    assert sweep.torch_threads(joblib(2), 8) == 3
+    assert resources.torch_threads(joblib(2), 8) == 3
 
 
 def test_visible_gpus_come_from_cuda_visible_devices_without_initialising_cuda(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert sweep.visible_gpus() == ["2", "3"]
+    assert resources.visible_gpus() == ["2", "3"]
 
 
 def test_summary_lists_this_sittings_failures(tmp_path):
@@ -439,26 +438,6 @@ def test_a_worker_killed_by_the_os_ends_the_sitting_with_a_clear_error(harness_c
     assert rows(harness_cli.results) == {}
 
 
-def test_a_second_signal_cannot_cut_the_interrupted_row_short():
-    """After the first SIGTERM/SIGINT the run ignores both: a group kill plus the sweeper passing it on, or
-    Ctrl-C twice, still leaves the row written."""
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with pytest.raises(Interrupted, match="SIGTERM"), run_module.interrupts_as_exceptions():
-            try:  # what tqdm does while starting a progress bar: no library's `except Exception` swallows it
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(1)
-            except Exception:  # noqa: BLE001
-                pass
-        os.kill(os.getpid(), signal.SIGTERM)  # would end this process if it were not ignored
-        os.kill(os.getpid(), signal.SIGINT)   # would raise KeyboardInterrupt
-        time.sleep(0.2)
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
 def test_a_run_lock_names_its_holder_and_only_own_workers_are_signalled(make_cfg):
     cfg = make_cfg()
     lock = sweep.lock_path(cfg, "k1")
@@ -468,7 +447,7 @@ def test_a_run_lock_names_its_holder_and_only_own_workers_are_signalled(make_cfg
     assert sweep.lock_holder(lock) is None
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        assert sweep.is_descendant(child.pid) and not sweep.is_descendant(os.getppid())
+        assert lifecycle.is_descendant(child.pid) and not lifecycle.is_descendant(os.getppid())
     finally:
         child.kill()
 

@@ -34,6 +34,7 @@ The modules, in the order a report is made:
   __main__     the command line
 """
 
+from harness.errors import ReportError
 from harness.report.build import build, check, default_out, index_page, write_report
 from harness.report.labels import (COLUMN_LABELS, COMPANIONS, EXTRAS, METRIC_LABELS, TASK_ORDER, VARIANT_ORDER,
                                    column_label, config_labels, task_label, task_position, variant_label)
@@ -41,7 +42,7 @@ from harness.report.plots import (pareto_front, planned_plots, plot_efficiency, 
                                   plot_score_vs_rank, plot_training_curves, save_figure)
 from harness.report.render import (Cell, Grid, csv_text, efficiency_grid, fixed, format_count, format_sig, latex,
                                    markdown, param_count_grid, results_csv, results_grid)
-from harness.report.rows import (SELECTIONS, ReportError, apply_selection, degenerate_at, failures, group_key,
+from harness.report.rows import (SELECTIONS, apply_selection, degenerate_at, failures, group_key,
                                  histories, load, ok_rows, rank_scores, read_predictions, select)
 from harness.report.statistics import LEVEL, RESAMPLES, SEED, paired_bootstrap, resampled_metric
 from harness.report.tables import (Column, PaperTable, budget_warnings, efficiency_frame, inflation_table, paper_table,

@@ -7,8 +7,9 @@ import sys
 from collections.abc import Sequence
 
 import harness.report
+from harness.errors import ReportError
 from harness.report.build import check, write_report
-from harness.report.rows import SELECTIONS, ReportError, load
+from harness.report.rows import SELECTIONS, load
 from harness.report.statistics import RESAMPLES, SEED
 from harness.report.tables import inflation_table
 

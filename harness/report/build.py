@@ -10,10 +10,11 @@ from pathlib import Path
 import pandas as pd
 
 from harness import results as results_io
+from harness.errors import ReportError
 from harness.report.plots import planned_plots, save_figure
 from harness.report.render import (csv_text, efficiency_grid, latex, markdown, param_count_grid, results_csv,
                                    results_grid)
-from harness.report.rows import ReportError, apply_selection, load
+from harness.report.rows import apply_selection, load
 from harness.report.statistics import LEVEL, RESAMPLES, SEED
 from harness.report.tables import efficiency_frame, paper_table, param_count_frame
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.errors import ReportError
 from harness.report.labels import METRIC_LABELS, task_label, task_position, variant_label
 from harness.report.render import byte_unit
-from harness.report.rows import ReportError, histories, ok_rows, rank_scores
+from harness.report.rows import histories, ok_rows, rank_scores
 from harness.report.tables import PaperTable, group_frame
 
 

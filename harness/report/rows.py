@@ -14,16 +14,11 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from harness import results as results_io
-from harness.errors import HarnessError
+from harness.errors import ReportError
 from harness.metrics import constant_predictions
 from harness.report.labels import VARIANT_ORDER
 
 log = logging.getLogger(__name__)
-
-
-class ReportError(HarnessError):
-    """The rows cannot make a report (none found, mixed configs, ...); the message says how to fix it."""
-
 
 
 # ---- loading -----------------------------------------------------------------------------------------

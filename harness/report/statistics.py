@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from harness.errors import ReportError
 from harness.metrics import resampled_glue_metric
-from harness.report.rows import ReportError
 
 
 RESAMPLES, LEVEL, SEED = 1000, 0.95, 0

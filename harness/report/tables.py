@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.errors import ReportError
 from harness.report.labels import (COMPANIONS, EXTRAS, TASK_ORDER, column_label, task_label, task_position,
                                    variant_label)
-from harness.report.rows import SELECTIONS, ReportError, failures, ok_rows, read_predictions
+from harness.report.rows import SELECTIONS, failures, ok_rows, read_predictions
 from harness.report.statistics import BOOTSTRAP_SCALE, LEVEL, RESAMPLES, SEED, paired_bootstrap
 
 

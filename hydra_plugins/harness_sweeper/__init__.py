@@ -1,1 +1,1 @@
-"""The `harness` Hydra sweeper: a grid like the basic sweeper's that knows rank-free variants (see harness/sweep.py)."""
+"""The `harness` Hydra sweeper: a grid like the basic sweeper's that knows rank-free variants (logic in harness/sweep/)."""

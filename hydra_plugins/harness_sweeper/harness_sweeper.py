@@ -20,12 +20,10 @@ Before launching, it composes every job's config as the launcher will, and skips
 already has an `ok` row (logging each). With `dry_run=true` it prints the job list with each job's
 run_key and status and launches nothing. A failed run does not stop the others; when all have run, the
 sweep logs which did not end ok and exits non-zero (as Hydra's basic sweeper does for a failed job).
-The logic lives in harness/sweep.py; this file is the plugin shell.
+The logic lives in harness/sweep/ (the package's docstring maps it); this file is the plugin shell.
 """
 
 import logging
-import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -33,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -89,8 +87,10 @@ class HarnessSweeper(BasicSweeper):
             int(launcher.get("array_parallelism") or 1) if "submitit" in str(launcher.get("_target_", "")) else 1)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from harness.sweep import (SWEEP_PID, SweepsFailed, dependency_waves, format_listing, job_states, log_summary,
-                                   other_rows, sitting_start, stop_workers)
+        from harness.errors import SweepsFailed
+        from harness.sweep import (dependency_waves, format_listing, job_states, log_summary, other_rows,
+                                   sitting_start, sweep_guard, todo_jobs)
+        from harness.sweep.slurm import format_lost_jobs
 
         started = sitting_start()
         sweep_name = self.config.get("sweep_name")
@@ -99,55 +99,25 @@ class HarnessSweeper(BasicSweeper):
             extra = other_rows(self.config.results_dir, sweep_name, states)
             print(format_listing(sweep_name, states, extra), flush=True)
             return []
-        for state in states:
-            if state.done:
-                log.info("skip run %s (%s): it already has an ok row", state.run_key, " ".join(state.overrides))
-        todo = [s.overrides for s in states if not s.done]
-        todo_keys = [s.run_key for s in states if not s.done]
-        waves = dependency_waves([s for s in states if not s.done])  # init_from sources run before their users
-        log.info("sweep %s: %d jobs, %d already done, %d to run", sweep_name, len(states),
-                 len(states) - len(todo), len(todo))
-        kept_from = sorted({str(s.device) for s in states if s.done})
-        if kept_from:  # the launcher may run jobs elsewhere (a cluster), so this process cannot judge a mismatch
-            log.info("the %d rows kept were measured on: %s (their speed and memory belong there; to measure "
-                     "elsewhere, use another sweep_name)", len(states) - len(todo), ", ".join(kept_from))
+        todo = todo_jobs(sweep_name, states)
+        waves = dependency_waves(todo)  # init_from sources run before their users
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        # SIGTERM or SIGINT to the sweep: the runs in local workers are told first (stop_workers) and write
-        # their `interrupted` rows; then it acts like Ctrl-C, and a parallel launcher stops its workers
-        # (joblib's would otherwise be orphaned, still running). A run in this process handles the signal
-        # itself (its row, then SystemExit). Workers and submitit jobs know this process by HARNESS_SWEEP_PID.
-        os.environ[SWEEP_PID] = str(os.getpid())
-
-        def stop(signum, frame):
-            for number in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(number, signal.SIG_IGN)  # once: a second signal must not start this again
-            stop_workers(self.config.results_dir, sweep_name, todo_keys)
-            raise KeyboardInterrupt
-
-        previous = {number: signal.signal(number, stop) for number in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            returns, failures, launched = [], 0, 0
+        returns, failures, launched = [], 0, 0
+        with sweep_guard(self.config.results_dir, sweep_name, [s.run_key for s in todo]):  # SIGTERM/SIGINT: stop
             for wave in waves:
                 wave_returns, wave_failures = self.launch_batches([s.overrides for s in wave], [s.run_key for s in wave],
                                                                   first_idx=launched)
                 returns += wave_returns
                 failures += wave_failures
                 launched += len(wave)
-        except KeyboardInterrupt:
-            log.warning("sweep %s stopped by SIGINT/SIGTERM; the same command continues it", sweep_name)
-            raise SystemExit(130) from None
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
         if failures:  # like Hydra's basic sweeper, a failed job fails the multirun, but only after all ran
             log_summary(self.config.results_dir, sweep_name, started, sweep_dir)
             if self.slurm_notes:
                 log.warning("SLURM stopped %d of those runs:\n  %s", len(self.slurm_notes), "\n  ".join(self.slurm_notes))
             if self.lost:
-                from harness.slurm import format_lost_jobs
                 log.error("%s", format_lost_jobs(self.lost))
             raise SweepsFailed(f"{failures} of {len(todo)} jobs did not end ok (listed above); "
                                "re-running the same command retries them and skips the rest")
@@ -159,9 +129,10 @@ class HarnessSweeper(BasicSweeper):
         launchers' returns, how many jobs failed)."""
         from joblib.externals.loky.process_executor import TerminatedWorkerError
 
-        from harness import results as rows
-        from harness.errors import HarnessError
-        from harness.sweep import RunBusy, RunFailed, SweepStopping
+        from harness import results
+        from harness.errors import RunFailed
+        from harness.sweep import job_failure
+        from harness.sweep.slurm import launch_array
 
         returns: List[Sequence[JobReturn]] = []
         failures = 0
@@ -171,98 +142,38 @@ class HarnessSweeper(BasicSweeper):
             batch = todo[start:start + size]
             try:
                 if getattr(self.launcher, "_EXECUTOR", None) == "slurm":
-                    results = self.launch_slurm(batch, job_idx, keys[start:start + size])
+                    job_returns, lost = launch_array(self.launcher, self.config, batch, job_idx, keys[start:start + size],
+                                                     self.unknown_state_timeout_s)
+                    self.lost += lost
                 else:
-                    results = self.launcher.launch(batch, initial_job_idx=job_idx)
+                    job_returns = self.launcher.launch(batch, initial_job_idx=job_idx)
             except TerminatedWorkerError as err:
                 # The OS killed a joblib worker (out of memory, most likely): joblib then kills the batch's
                 # other workers too and returns nothing for it. Their runs have no row; go on, say so.
-                lost = [k for k in keys[start:start + size]
-                        if not rows.has_ok_row(self.config.results_dir, self.config.sweep_name, k)]
+                missing = [k for k in keys[start:start + size]
+                           if not results.has_ok_row(self.config.results_dir, self.config.sweep_name, k)]
                 log.error("a job of this batch ended without returning (%s: %s); %d of its %d runs have no ok "
-                          "row: %s. The same command runs them again.", type(err).__name__, err, len(lost),
-                          len(batch), " ".join(lost))
+                          "row: %s. The same command runs them again.", type(err).__name__, err, len(missing),
+                          len(batch), " ".join(missing))
                 if self.config.get("fail_fast"):
                     raise
-                failures += len(lost)
+                failures += len(missing)
                 job_idx += len(batch)
                 continue
             job_idx += len(batch)
-            returns.append(results)
-            for overrides, ret in zip(batch, results):
-                if ret is None:  # a SLURM job that left no result: named in self.lost
+            returns.append(job_returns)
+            for overrides, job_return in zip(batch, job_returns):
+                if job_return is None:  # a SLURM job that left no result: named in self.lost
                     failures += 1
                     if self.config.get("fail_fast"):
                         raise RunFailed(": ".join(self.lost[-1]))
                     continue
-                if ret.status != JobStatus.FAILED:
-                    continue
-                error = ret._return_value  # the job's exception (return_value would re-raise it)
-                if isinstance(error, (RunBusy, SweepStopping)):
-                    log.info("%s", error)
+                error = job_failure(overrides, job_return)  # logged as what it means
+                if error is None:
                     continue
                 failures += 1
                 if isinstance(error, RunFailed) and "SLURM job" in str(error):
                     self.slurm_notes.append(str(error))
-                if isinstance(error, HarnessError) and not isinstance(error, RunFailed):  # bad config: no row
-                    log.error("job %s did not start: %s", " ".join(overrides), error)
-                elif not isinstance(error, RunFailed):  # crashed before or after writing its row: a bug, say so
-                    log.error("job %s crashed without a result row: %s: %s", " ".join(overrides),
-                              type(error).__name__, error)
                 if self.config.get("fail_fast"):
                     raise error
         return returns, failures
-
-    def launch_slurm(self, batch: List[List[str]], initial_job_idx: int, keys: List[str]) -> List[Optional[JobReturn]]:
-        """Submit `batch` as one SLURM array, as hydra-submitit-launcher's `launch` does, but wait for it without
-        hanging: a job whose state cannot be learned is given up after unknown_state_timeout_s, and a job that
-        ends without a result (SIGKILL, out of memory) is named in self.lost rather than failing the batch.
-        Its returns: the job's JobReturn, or None for a lost job."""
-        import submitit
-        from hydra.core.singleton import Singleton
-        from hydra.core.utils import filter_overrides
-        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-
-        from harness.slurm import ClusterJob, await_cluster_jobs
-
-        launcher = self.launcher
-        params = dict(launcher.params)
-        limit_s = 60 * int(params.get("timeout_min") or 0)
-        if limit_s and int(params.get("signal_delay_s") or 0) + 60 >= limit_s // 2:
-            # submitit's SIGUSR2 warns signal_delay_s before the limit (SLURM may send it up to 60 s earlier still).
-            # A run ignores it (it cannot checkpoint), but one that arrives while the job is starting kills it.
-            log.warning("hydra.launcher.signal_delay_s=%s (+ up to 60 s SLURM may add) reaches into the first half of "
-                        "the time limit (timeout_min=%s): submitit's SIGUSR2 could kill jobs as they start; sending it "
-                        "1 s before the limit instead", params.get("signal_delay_s"), params.get("timeout_min"))
-            params["signal_delay_s"] = 1
-        executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
-                                         slurm_max_num_timeout=params.pop("max_num_timeout", 0))
-        base = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        log.info("Submitit 'slurm' sweep output dir : %s", sweep_dir)
-        job_params = []
-        for idx, overrides in enumerate(batch, start=initial_job_idx):
-            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-            job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
-        jobs = executor.map_array(launcher, *zip(*job_params))
-        labels = {job.job_id: f"job {job.job_id} (run {key}: {' '.join(overrides)})"
-                  for job, key, overrides in zip(jobs, keys, batch)}
-        log.info("SLURM array %s: %d jobs", jobs[0].job_id.split("_")[0] if jobs else "-", len(jobs))
-        lost = await_cluster_jobs([ClusterJob(job.job_id, labels[job.job_id], job.paths.result_pickle.exists)
-                                   for job in jobs], unknown_timeout_s=self.unknown_state_timeout_s)
-        returns: List[Optional[JobReturn]] = []
-        for job in jobs:
-            why = lost.get(job.job_id)
-            if why is None:
-                try:
-                    returns.append(job.results()[0])
-                    continue
-                except Exception as err:  # noqa: BLE001 - the job failed outside the run (submitit, pickling)
-                    why = f"SLURM job {job.job_id} failed outside the run: {type(err).__name__}: " + \
-                          str(err).strip().splitlines()[0]
-            log.error("%s: %s (its log: %s)", labels[job.job_id], why, job.paths.stderr)
-            self.lost.append((labels[job.job_id], why))
-            returns.append(None)
-        return returns

@@ -172,7 +172,12 @@ def test_a_preempted_job_writes_its_interrupted_row_requeues_itself_and_ends_ok(
     assert [r["status"] for r in final.values()] == ["ok"], "the requeued job ran the run again to its end"
     logs = job_logs(slurm_sweep.results)
     assert re.search(r"SLURM job \d+ requeued itself \(preempted\)", logs), logs[-3000:]  # one run: no array
-    attempts = [j for j in sacct(slurm_sweep.name) if j["JobID"] != urgent]
+    # the sweep ends on the job's result; SLURM's accounting says COMPLETED a moment later, when the job has exited
+    def accounted():
+        attempts = [j for j in sacct(slurm_sweep.name) if j["JobID"] != urgent]
+        return attempts if all(j["State"] not in ("RUNNING", "COMPLETING") for j in attempts) else None
+
+    attempts = wait_for(accounted, timeout=60, what="the last attempt accounted")
     assert [j["State"] for j in attempts] == ["REQUEUED", "COMPLETED"], attempts
 
 

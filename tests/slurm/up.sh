@@ -34,7 +34,11 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! co
 fi
 
 host=$(hostname -s)
-cpus=$(nproc)
+# The CPUs slurmd finds on the node (`slurmd -C`), not `nproc`: run from a process pinned to fewer cores (taskset,
+# as the accounting-off test's restart is when pytest is pinned), nproc counts only those, and the node's config
+# would then claim fewer CPUs than the machine has.
+cpus=$(slurmd -C 2>/dev/null | sed -n 's/.*CPUs=\([0-9]*\).*/\1/p')
+cpus=${cpus:-$(nproc --all)}
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))   # leave 1 GiB to the OS
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /run/mysqld /run/slurm
 chown munge:munge /run/munge 2>/dev/null || true

@@ -1,25 +1,25 @@
-"""SLURM: what a run's job does when SLURM stops it, and how the sweep waits for its array without hanging.
+"""SLURM: what a run's job does when SLURM stops it, and how the sweep submits its array and waits without hanging.
 
 * `requeue_interrupted_slurm_job`: what a run's job does after SLURM's SIGTERM (requeue itself when preempted,
-  fail when at its time limit or cancelled).
-* `await_cluster_jobs`: the sweep's bounded wait for its array, which names the jobs that ended without a result
-  or whose state could not be learned.
+  fail when at its time limit or cancelled). The stop protocol (lifecycle.end_interrupted_job) calls it; the
+  signal handlers themselves are all in lifecycle.py.
+* `launch_array` / `await_cluster_jobs`: the sweep submits a batch as one array and waits for it with a bound,
+  naming the jobs that ended without a result or whose state could not be learned.
 Tested on a one-node cluster (tests/slurm/, docs/slurm.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from harness.sweep import in_sweep_process
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -58,25 +58,10 @@ def slurm_job_fields(job_id: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
-def in_submitit_slurm_job() -> bool:
-    """Whether this process is a SLURM job that submitit started (a sweep's job, not a user's own sbatch)."""
-    return (os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and slurm_job_id() is not None
-            and not in_sweep_process())  # submitit_local inside a SLURM allocation is not one
-
-
-def prepare_slurm_job() -> None:
-    """In a SLURM job run by submitit: its SIGUSR2 (sent `signal_delay_s` before the time limit, for jobs that
-    can checkpoint) would end the run as `failed` half-way; a run cannot checkpoint, so it is only logged."""
-    if not in_submitit_slurm_job():
-        return
-
-    def warn(signum: int, frame: Any) -> None:
-        log.warning("SLURM job %s: SIGUSR2, its time limit is near; the run goes on until SLURM stops it "
-                    "(a run cannot checkpoint mid-training: raise hydra.launcher.timeout_min if it is cut)",
-                    slurm_job_id())
-
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGUSR2, warn)
+def submitit_slurm_job() -> bool:
+    """Whether this process runs in a SLURM job that submitit started (lifecycle.in_submitit_slurm_job adds: and
+    is not the sweep's own process, as a submitit_local sweep inside a SLURM allocation would be)."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and slurm_job_id() is not None
 
 
 def requeue_interrupted_slurm_job() -> tuple[bool, str]:
@@ -201,3 +186,58 @@ def format_lost_jobs(lost: Sequence[tuple[str, str]]) -> str:
     """The summary's lines for jobs that ended without a row: (label, why) each."""
     return (f"{len(lost)} jobs ended without a result row (re-running the same command runs them again):"
             + "".join(f"\n  lost        {label}: {why}" for label, why in lost))
+
+
+def launch_array(launcher: Any, sweep_config: DictConfig, batch: Sequence[Sequence[str]], initial_job_idx: int,
+                 keys: Sequence[str], unknown_timeout_s: float) -> tuple[list[Any], list[tuple[str, str]]]:
+    """Submit `batch` (run_keys `keys`) as one SLURM array, as hydra-submitit-launcher's `launch` does, but wait for
+    it without hanging: a job whose state cannot be learned is given up after `unknown_timeout_s`, and a job that
+    ends without a result (SIGKILL, out of memory) is named rather than failing the batch.
+
+    Returns (each job's JobReturn, or None for a lost job; (label, why) of each lost job)."""
+    import submitit
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import filter_overrides
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    params = dict(launcher.params)
+    limit_s = 60 * int(params.get("timeout_min") or 0)
+    if limit_s and int(params.get("signal_delay_s") or 0) + 60 >= limit_s // 2:
+        # submitit's SIGUSR2 warns signal_delay_s before the limit (SLURM may send it up to 60 s earlier still).
+        # A run ignores it (it cannot checkpoint), but one that arrives while the job is starting kills it.
+        log.warning("hydra.launcher.signal_delay_s=%s (+ up to 60 s SLURM may add) reaches into the first half of "
+                    "the time limit (timeout_min=%s): submitit's SIGUSR2 could kill jobs as they start; sending it "
+                    "1 s before the limit instead", params.get("signal_delay_s"), params.get("timeout_min"))
+        params["signal_delay_s"] = 1
+    executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
+                                     slurm_max_num_timeout=params.pop("max_num_timeout", 0))
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    sweep_dir = Path(str(sweep_config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Submitit 'slurm' sweep output dir : %s", sweep_dir)
+    job_params = []
+    for idx, overrides in enumerate(batch, start=initial_job_idx):
+        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+        job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+    jobs = executor.map_array(launcher, *zip(*job_params))
+    labels = {job.job_id: f"job {job.job_id} (run {key}: {' '.join(overrides)})"
+              for job, key, overrides in zip(jobs, keys, batch)}
+    log.info("SLURM array %s: %d jobs", jobs[0].job_id.split("_")[0] if jobs else "-", len(jobs))
+    lost = await_cluster_jobs([ClusterJob(job.job_id, labels[job.job_id], job.paths.result_pickle.exists)
+                               for job in jobs], unknown_timeout_s=unknown_timeout_s)
+    returns: list[Any] = []
+    lost_jobs: list[tuple[str, str]] = []
+    for job in jobs:
+        why = lost.get(job.job_id)
+        if why is None:
+            try:
+                returns.append(job.results()[0])
+                continue
+            except Exception as err:  # noqa: BLE001 - the job failed outside the run (submitit, pickling)
+                why = f"SLURM job {job.job_id} failed outside the run: {type(err).__name__}: " + \
+                      str(err).strip().splitlines()[0]
+        log.error("%s: %s (its log: %s)", labels[job.job_id], why, job.paths.stderr)
+        lost_jobs.append((labels[job.job_id], why))
+        returns.append(None)
+    return returns, lost_jobs

@@ -1,0 +1,178 @@
+"""What a sweep has done and who is doing what: each job's run_key and row status, and one lock per run.
+
+* `job_states` / `format_listing`: the run_key of every job and whether its row already says `ok`, for
+  `dry_run=true` (lists, runs nothing) and for skipping finished runs before anything is launched; that is how a
+  sweep resumes (`todo_jobs` logs what is kept and returns the rest).
+* `dependency_waves`: launch order, so that a run's init_from source has its row before the run reads it.
+* `claim_run`: an exclusive lock per run_key, so two processes never run (and write) the same run. The lock file
+  names its holder (`host:pid`), which is how the stop protocol (lifecycle.stop_workers) finds a worker's run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from harness import results
+from harness.errors import ConfigError, RunBusy
+from harness.sweep.grid import override_key
+
+log = logging.getLogger(__name__)
+
+
+# ---- which jobs are done ------------------------------------------------------------------------------
+@dataclass
+class JobState:
+    overrides: list[str]
+    run_key: str
+    status: str  # a row's status (ok, failed, ...) or "todo" when the run has no row yet
+    device: str | None = None  # where the row was measured (its speed and memory belong to that device)
+    source: str | None = None  # run_key of the run this one starts from (init_from), if any
+
+    @property
+    def done(self) -> bool:
+        return self.status == "ok"
+
+
+def job_state(cfg: DictConfig, overrides: list[str]) -> JobState:
+    """The run_key of a composed job config and the status of its row (`todo` without one)."""
+    key = results.run_key(cfg)
+    row = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, key))
+    if row is None:
+        return JobState(list(overrides), key, "todo")
+    status = "nan" if row["status"] == "ok" and not results.is_done(row) else row["status"]  # ok, with a NaN score
+    return JobState(list(overrides), key, status, row.get("device"))
+
+
+def job_states(jobs: Sequence[list[str]], compose: Callable[[list[str]], DictConfig]) -> list[JobState]:
+    """`job_state` of every job; `compose(overrides)` builds a job's config as the launcher will. A job whose
+    init_from names a task (`task=mnli`) gets the run_key of the job it names as an added `init_from=<key>`
+    override, so its own key, and the run the launcher starts, include its source."""
+    from harness import warm_start
+
+    configs = [compose(job) for job in jobs]
+    resolved = warm_start.resolve_among_jobs(configs)
+    states = []
+    for job, before, cfg in zip(jobs, configs, resolved):
+        source = cfg.get("init_from")
+        if source != before.get("init_from"):
+            job = [o for o in job if override_key(o) != "init_from"] + [f"init_from={source}"]
+        state = job_state(cfg, job)
+        state.source = source
+        states.append(state)
+    return states
+
+
+def dependency_waves(states: Sequence[JobState]) -> list[list[JobState]]:
+    """The jobs to run in launch order: first those whose init_from source is not among them, then those that start
+    from a job of the first wave, and so on, so that a source's row exists before a run reads it."""
+    pending = list(states)
+    keys_pending = {s.run_key for s in pending}
+    waves: list[list[JobState]] = []
+    while pending:
+        wave = [s for s in pending if s.source not in keys_pending]
+        if not wave:
+            raise ConfigError("init_from forms a cycle among these jobs: "
+                              + ", ".join(f"{s.run_key} <- {s.source}" for s in pending))
+        waves.append(wave)
+        pending = [s for s in pending if s not in wave]
+        keys_pending = {s.run_key for s in pending}
+    return waves
+
+
+def format_listing(sweep_name: str, states: Sequence[JobState], other_rows: int = 0) -> str:
+    """The dry-run table: a count per status, the overrides every job shares, then one line per job
+    (number, status, run_key, its own overrides), tab-separated so it parses (`cut -f3` gives run_keys).
+    `other_rows`: rows in the sweep's folder that belong to none of these jobs (made by an earlier config)."""
+    counts: dict[str, int] = {}
+    for state in states:
+        counts[state.status] = counts.get(state.status, 0) + 1
+    todo = sum(1 for s in states if not s.done)
+    common = [o for o in states[0].overrides if all(o in s.overrides for s in states)] if len(states) > 1 else []
+    lines = [f"# sweep {sweep_name}: {len(states)} jobs, {counts.get('ok', 0)} done (ok), {todo} to run"
+             + "".join(f", {n} {status}" for status, n in sorted(counts.items()) if status != "ok"),
+             f"# every job: {' '.join(common)}" if common else "# every job: (no common overrides)"]
+    if other_rows:
+        lines.append(f"# {other_rows} rows in the sweep's runs/ folder belong to none of these jobs (an earlier "
+                     "config); reports read every row there")
+    lines.append("# job\tstatus\trun_key\toverrides")
+    lines += [f"{i}\t{s.status}\t{s.run_key}\t{' '.join(o for o in s.overrides if o not in common)}"
+              for i, s in enumerate(states)]
+    return "\n".join(lines)
+
+
+def other_rows(results_dir: str | Path, sweep_name: str, states: Sequence[JobState]) -> int:
+    """How many rows of the sweep's folder belong to none of `states` (rows of an earlier config)."""
+    keys = {s.run_key for s in states}
+    return sum(1 for p in results.runs_dir(results_dir, sweep_name).glob("*.parquet") if p.stem not in keys)
+
+
+def todo_jobs(sweep_name: str, states: Sequence[JobState]) -> list[JobState]:
+    """The jobs still to run (no `ok` row), after logging each one kept and where the kept rows were measured."""
+    for state in states:
+        if state.done:
+            log.info("skip run %s (%s): it already has an ok row", state.run_key, " ".join(state.overrides))
+    todo = [s for s in states if not s.done]
+    log.info("sweep %s: %d jobs, %d already done, %d to run", sweep_name, len(states), len(states) - len(todo),
+             len(todo))
+    kept_from = sorted({str(s.device) for s in states if s.done})
+    if kept_from:  # the launcher may run jobs elsewhere (a cluster), so this process cannot judge a mismatch
+        log.info("the %d rows kept were measured on: %s (their speed and memory belong there; to measure "
+                 "elsewhere, use another sweep_name)", len(states) - len(todo), ", ".join(kept_from))
+    return todo
+
+
+# ---- one process per run -------------------------------------------------------------------------------
+def lock_path(cfg: DictConfig, key: str) -> Path:
+    return run_lock(cfg.results_dir, cfg.sweep_name, key)
+
+
+def run_lock(results_dir: str | Path, sweep_name: str, key: str) -> Path:
+    return Path(results_dir) / sweep_name / ".locks" / f"{key}.lock"
+
+
+def lock_holder(path: Path) -> str | None:
+    """`host:pid` of the process running the run whose lock this is (claim_run writes it; "" while it is
+    being written), or None when no process holds the lock now."""
+    if not path.exists():
+        return None
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            return handle.read().strip()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+
+@contextlib.contextmanager
+def claim_run(cfg: DictConfig, key: str) -> Iterator[None]:
+    """Hold an exclusive lock on run `key` for the duration, or raise RunBusy if another process has it.
+
+    flock, not a marker file: the kernel releases it when the holder dies (even by SIGKILL), so a killed
+    sweep leaves no stale claim; it also works between machines on NFS (Linux emulates it with fcntl locks).
+    """
+    path = lock_path(cfg, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(f"run {key} is being run by another process right now (lock {path}); "
+                          "this job leaves it to that process") from None
+        handle.truncate(0)
+        handle.write(f"{socket.gethostname()}:{os.getpid()}")  # who runs it: lifecycle.stop_workers signals it
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
