@@ -55,7 +55,7 @@ class Subject:
     """
 
     def __init__(self, name: str, impl: str, model_name: str):
-        overrides = ["variant=head"] if name == "floor" else [f"adapter.impl={impl}", *variant_overrides(name)]
+        overrides = ["variant=head"] if name == "floor" else [f"variant.impl={impl}", *variant_overrides(name)]
         cfg = compose_config([*model_overrides(model_name), "task=mrpc", *overrides])
         self.label = f"{name}/{impl}"
         setup = assemble(cfg, with_tokenizer=False)  # seed 0: every subject starts from the same base weights

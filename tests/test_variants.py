@@ -189,7 +189,7 @@ def peft_tensors(model, variant) -> dict[str, torch.nn.Parameter]:
 @pytest.mark.parametrize("name", PEFT_ADAPTERS)
 def test_our_layers_and_pefts_give_the_same_outputs_and_gradients(make_cfg, name):
     ours, variant, _ = build(variant_cfg(make_cfg, name))
-    theirs, peft_variant, _ = build(variant_cfg(make_cfg, name, "adapter.impl=peft"))
+    theirs, peft_variant, _ = build(variant_cfg(make_cfg, name, "variant.impl=peft"))
     ours_by_key, theirs_by_key = peft_tensors(ours, variant), peft_tensors(theirs, peft_variant)
     assert ours_by_key.keys() == theirs_by_key.keys() and ours_by_key
     assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
@@ -220,7 +220,7 @@ def test_our_layers_and_pefts_give_the_same_outputs_and_gradients(make_cfg, name
 def test_peft_loads_what_the_harness_saved_and_predicts_the_same(make_cfg, name, impl, tmp_path):
     from peft import PeftModel
 
-    cfg = variant_cfg(make_cfg, name, f"adapter.impl={impl}")
+    cfg = variant_cfg(make_cfg, name, f"variant.impl={impl}")
     setup = assemble(cfg, with_tokenizer=False)
     model, variant = setup.model, setup.variant
     perturb(model)
@@ -237,7 +237,7 @@ def test_peft_loads_what_the_harness_saved_and_predicts_the_same(make_cfg, name,
 def test_lora_plus_groups_match_pefts_helper_for_A_and_B(make_cfg):
     groups = {}
     for impl in ("ours", "peft"):
-        model, variant, _ = build(make_cfg("variant=lora_plus", f"adapter.impl={impl}"))
+        model, variant, _ = build(make_cfg("variant=lora_plus", f"variant.impl={impl}"))
         lr_of = {id(p): g["lr"] for g in variant.param_groups(model, 1e-3, 0.1) for p in g["params"]}
         groups[impl] = {peft_bridge.peft_key(n, variant): lr_of[id(p)] for n, p in model.named_parameters()
                         if variant.adapter_attribute(n) is not None}
@@ -487,7 +487,7 @@ def test_non_positive_alpha_is_rejected(make_cfg, name, alpha):
 @pytest.mark.parametrize("name", WITHOUT_PEFT)
 def test_impl_peft_is_rejected_where_peft_lacks_the_variant(make_cfg, name):
     with pytest.raises(ConfigError, match="peft has no implementation"):
-        adapters.build(variant_cfg(make_cfg, name, "adapter.impl=peft").variant)
+        adapters.build(variant_cfg(make_cfg, name, "variant.impl=peft").variant)
 
 
 @pytest.mark.parametrize("overrides,match", [
