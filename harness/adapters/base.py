@@ -246,7 +246,8 @@ class Variant:
         return {}
 
     def facts(self, model: nn.Module) -> dict[str, Any]:
-        """Variant-specific measurements for the row's extra_json (QLoRA: base weight bytes before/after)."""
+        """Variant-specific measurements of a prepared model, for `Prepared.facts` and the row's extra_json (VeRA:
+        its shared projections' bytes; QLoRA adds what quantizing measured in its `prepare`)."""
         return {}
 
     def save_other_formats(self, model: nn.Module, folder, head: list[str], targeted: list[str]) -> None:
