@@ -6,8 +6,8 @@
 
 For each model (all-MiniLM-L6-v2 from its package; roberta-base built at random from its YAML) and each
 adapter variant, the variant is injected by the harness (`variant.impl=ours` and, where peft has it,
-`variant.impl=peft`) into copies of the same base model, and both are timed on the same batch (32 x 128
-tokens, fp32, train mode) in one process: one training step is forward + backward + AdamW step (+ the
+`variant.impl=peft`) into the same base model (each built by `harness.assemble` from seed 0), and both are timed
+on the same batch (32 x 128 tokens, fp32, train mode) in one process: one training step is forward + backward + AdamW step (+ the
 variant's before/after-step hooks), repetitions interleaved so that load from other processes hits every
 model alike. Each variant's group also holds our LoRA and peft's LoRA, so "over LoRA" ratios compare
 models timed side by side. Saved-activation bytes are the trainer's own account (`SavedTensorMeter`).
@@ -20,7 +20,6 @@ query+value, dropout 0 (QLoRA too: only its base differs from LoRA).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import logging as transformers_logging  # noqa: E402
 
-from harness import adapters, models  # noqa: E402
+from harness.assemble import assemble  # noqa: E402
 from harness.adapters import VARIANTS  # noqa: E402
 from harness.adapters.inject import AdapterVariant  # noqa: E402
 from harness.inspect import compose_config  # noqa: E402
@@ -55,19 +54,18 @@ class Subject:
     to the embeddings), so the floor is the step every adapter pays before its own cost.
     """
 
-    def __init__(self, base: torch.nn.Module, head: list[str], name: str, impl: str, model_name: str):
-        overrides = ["variant=head"] if name == "floor" else [f"adapter.impl={impl}", *variant_overrides(name)]
-        cfg = compose_config([f"model={model_name}", "task=mrpc", *overrides])
+    def __init__(self, name: str, impl: str, model_name: str):
+        overrides = ["variant=head"] if name == "floor" else [f"variant.impl={impl}", *variant_overrides(name)]
+        cfg = compose_config([*model_overrides(model_name), "task=mrpc", *overrides])
         self.label = f"{name}/{impl}"
-        self.model = copy.deepcopy(base)
-        self.variant = adapters.build(cfg.variant)
-        torch.manual_seed(0)
-        self.variant.prepare(self.model, head)
+        setup = assemble(cfg, with_tokenizer=False)  # seed 0: every subject starts from the same base weights
+        self.model, self.variant = setup.model, setup.variant
         if name == "floor":
             first = self.model.base_model.encoder.layer[0].attention.self
             first.query.bias.requires_grad_(True)
             first.value.bias.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(self.variant.param_groups(self.model, 5e-4, 0.1), lr=5e-4)
+        self.variant_state = self.variant.start_training(self.model, seed=0)
         self.step_count = 0
         self.times: list[float] = []
         self.saved_bytes: int | None = None
@@ -75,7 +73,7 @@ class Subject:
     def step(self, batch: dict, measure: bool = False) -> float:
         self.model.train()
         start = time.perf_counter()
-        self.variant.before_step(self.model, self.step_count, torch.Generator().manual_seed(self.step_count))
+        self.variant.before_step(self.model, self.step_count, self.variant_state)
         meter = SavedTensorMeter(self.model) if measure else None
         if meter:
             meter.__enter__()
@@ -86,7 +84,7 @@ class Subject:
             self.saved_bytes = meter.bytes
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.variant.after_step(self.model, self.step_count)
+        self.variant.after_step(self.model, self.step_count, self.variant_state)
         self.step_count += 1
         return time.perf_counter() - start
 
@@ -116,11 +114,9 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def load_base(model_name: str):
-    cfg = compose_config([f"model={model_name}", "task=mrpc"] + (["model.init=random"] if model_name != "minilm" else []))
-    torch.manual_seed(0)
-    loaded = models.load(cfg.model, "classification", 2, ".cache/harness", with_tokenizer=False)
-    return loaded.model, loaded.head
+def model_overrides(model_name: str) -> list[str]:
+    """MiniLM from its package; larger shapes built at random (nothing to download, same cost per step)."""
+    return [f"model={model_name}"] + (["model.init=random"] if model_name != "minilm" else [])
 
 
 def run_group(subjects: list[Subject], batch: dict, reps: int) -> None:
@@ -138,7 +134,6 @@ def median(subject: Subject) -> float:
 
 
 def benchmark_model(model_name: str, variants: list[str], reps: int, batch_size: int, seq_len: int) -> None:
-    base, head = load_base(model_name)
     generator = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(1000, 20000, (batch_size, seq_len), generator=generator),
              "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
@@ -152,13 +147,13 @@ def benchmark_model(model_name: str, variants: list[str], reps: int, batch_size:
     summary = {}
     for name in variants:
         has_peft = VARIANTS[name].peft_supported
-        floor = Subject(base, head, "floor", "ours", model_name)
-        lora_ours, lora_peft = Subject(base, head, "lora", "ours", model_name), Subject(base, head, "lora", "peft", model_name)
+        floor = Subject("floor", "ours", model_name)
+        lora_ours, lora_peft = Subject("lora", "ours", model_name), Subject("lora", "peft", model_name)
         group = [floor, lora_ours, lora_peft]
         ours = peft = None
         if name != "lora":
-            ours = Subject(base, head, name, "ours", model_name)
-            peft = Subject(base, head, name, "peft", model_name) if has_peft else None
+            ours = Subject(name, "ours", model_name)
+            peft = Subject(name, "peft", model_name) if has_peft else None
             group += [s for s in (ours, peft) if s is not None]
         else:
             ours, peft = lora_ours, lora_peft
@@ -210,8 +205,7 @@ def set_merged_path(model: torch.nn.Module, min_tokens: int) -> None:
 def crossover(model_name: str, variants: list[str], reps: int, batch_size: int) -> None:
     """LoRA-family step time through the merged weight against the composed ops, at each tokens-per-batch count,
     and whether the path the layer picks by itself (its `merged_path_min_tokens`) is the faster one."""
-    base, head = load_base(model_name)
-    probe = Subject(base, head, "lora", "ours", model_name)
+    probe = Subject("lora", "ours", model_name)
     threshold = next(m.merged_path_min_tokens for m in probe.model.modules() if hasattr(m, "merged_path_min_tokens"))
     del probe
     print(f"\n## {model_name}: merged-weight vs composed path, batch {batch_size} x (tokens / {batch_size}), fp32, "
@@ -227,7 +221,7 @@ def crossover(model_name: str, variants: list[str], reps: int, batch_size: int) 
             batch = {"input_ids": torch.randint(1000, 20000, (batch_size, seq_len), generator=generator),
                      "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
                      "labels": torch.randint(0, 2, (batch_size,), generator=generator)}
-            merged, composed = (Subject(base, head, name, "ours", model_name) for _ in range(2))
+            merged, composed = (Subject(name, "ours", model_name) for _ in range(2))
             set_merged_path(merged.model, 0)
             set_merged_path(composed.model, 2**62)
             run_group([merged, composed], batch, reps)

@@ -5,7 +5,7 @@
 
 Both loops start from the same weights: MiniLM, with peft's LoRA A and head initialised as
 `benchmarks/peft_baseline.py` does them for `--seed` (the harness copies them in). `--loop trainer` is that
-script (HF Trainer, its model, data and recipe; 300 steps); `--loop harness` is `harness.train.train` with the
+script (HF Trainer, its model, data and recipe; 300 steps); `--loop harness` is `harness.train.TrainingLoop` with the
 README's SST-2 config. `--order own` lets each loop shuffle as it does for `--seed`; `--order FILE` feeds the
 example indices in FILE in that order to either loop; `--save-order` writes the indices a loop drew.
 `--dropout off` zeroes every dropout, so the two loops must then take the same steps; `--same-dropout-rng` keeps
@@ -90,18 +90,14 @@ def run_harness(args, order, seen: list[int]) -> tuple[float, list[float]]:
     from hydra import compose, initialize_config_dir
 
     import harness.train as loop
-    from harness import adapters, models, tasks
+    from harness.assemble import assemble, read_splits
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "task=sst2", "variant=lora", "model=minilm", f"data.dir={args.data_dir}",
             f"train.max_steps={args.max_steps}", f"seed={args.seed}", "device=cpu"])
-    variant = adapters.build(cfg.variant)
-    task = tasks.get(cfg.task, cfg.data)
-    set_seed(args.seed)
-    loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir)
-    model = loaded.model
-    variant.prepare(model, loaded.head)
+    setup = assemble(cfg)  # seeded with args.seed, as a run is
+    model = setup.model
     ours = dict(model.named_parameters())
     theirs = peft_trainable_state(peft_model(args.seed))
     assert set(theirs) == {n for n, p in ours.items() if p.requires_grad}, set(theirs) ^ set(ours)
@@ -110,17 +106,19 @@ def run_harness(args, order, seen: list[int]) -> tuple[float, list[float]]:
             ours[name].copy_(tensor)
     if args.dropout == "off":
         without_dropout(model)
-    train_set, eval_sets = task.datasets(loaded.tokenizer, args.seed)
+    splits = read_splits(cfg, setup)
     if order is not None:
-        train_set = train_set.select(order)
+        splits.train = splits.train.select(order)
         data_loader = loop.DataLoader
         loop.DataLoader = lambda *a, **k: data_loader(*a, **{**k, "shuffle": False, "generator": None})
-    pad = task.collate(loaded.tokenizer)
+    training = loop.TrainingLoop(setup, splits, cfg.train, torch.device("cpu"), args.seed)
+    pad = training.collate
 
     def collate(rows):
         seen.extend(int(r["idx"]) for r in rows)
         return pad(rows)
 
+    training.collate = collate
     losses: list[float] = []
     forward = model.forward
 
@@ -133,8 +131,7 @@ def run_harness(args, order, seen: list[int]) -> tuple[float, list[float]]:
     model.forward = recording_forward
     if args.same_dropout_rng:
         set_seed(args.seed)
-    outcome = loop.train(model, task, train_set, eval_sets, collate, variant, cfg.train, torch.device("cpu"),
-                         args.seed, loop.TrainOutcome())
+    outcome = training.run()
     return outcome.last["score"], losses
 
 

@@ -122,5 +122,22 @@ def run_job(cfg: DictConfig) -> float:
     return float("nan") if score is None else float(score)
 
 
+def renamed_override_errors(argv: list[str]) -> list[str]:
+    """One message per command-line override of a retired key (`adapter.impl=peft`), naming the key that holds it
+    now (results.RETIRED_KEYS). Hydra alone would answer that the key is "not in struct" and suggest `+`, which
+    would add a key nothing reads."""
+    messages = []
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key in results.RETIRED_KEYS:
+            current = results.RETIRED_KEYS[key]
+            messages.append(f"{arg}: {key} is now {current} (one name for the one switch); use {current}={value}")
+    return messages
+
+
 if __name__ == "__main__":
+    renamed = renamed_override_errors(sys.argv[1:])
+    if renamed:
+        print("Error: " + " | ".join(renamed), file=sys.stderr, flush=True)
+        raise SystemExit(2)
     main()

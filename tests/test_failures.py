@@ -178,13 +178,10 @@ def test_a_rank_above_what_a_targeted_layer_allows_is_a_config_error(make_cfg, v
 
 
 def test_the_largest_rank_a_layer_allows_still_builds(make_cfg):
-    from harness import adapters, models, tasks
+    from harness.assemble import assemble
 
     for variant, rank in (("lora", 64), ("vera", 4096)):
-        cfg = make_cfg(f"variant={variant}", f"variant.r={rank}")
-        task = tasks.get(cfg.task, cfg.data)
-        loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir, with_tokenizer=False)
-        assert adapters.build(cfg.variant).prepare(loaded.model, loaded.head)
+        assert assemble(make_cfg(f"variant={variant}", f"variant.r={rank}"), with_tokenizer=False).targeted
 
 
 # ---- 6. results_dir ------------------------------------------------------------------------------------------
@@ -230,6 +227,28 @@ def test_keys_a_chosen_variant_or_task_defines_are_accepted():
     from harness.__main__ import unknown_added_keys
     assert unknown_added_keys(["variant=vera", "+variant.d_initial=0.2", "+sweep=smoke", "++train.max_steps=3",
                                "task=squad", "+task.doc_stride=64"], compose_with) == []
+
+
+def test_the_retired_name_adapter_impl_is_an_error_naming_variant_impl():
+    from harness.__main__ import renamed_override_errors
+    [message] = renamed_override_errors(["model=minilm", "adapter.impl=peft", "variant.impl=ours"])
+    assert "adapter.impl=peft" in message and "use variant.impl=peft" in message
+    assert renamed_override_errors(["+adapter.impl=ours,peft"])[0].endswith("use variant.impl=ours,peft")
+    done = subprocess.run([sys.executable, "-m", "harness", "adapter.impl=peft"], cwd=REPO, env=CLI_ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "variant.impl=peft" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_configs_from_before_variant_impl_was_the_one_name_keep_their_run_keys():
+    """Older configs also held adapter.impl (which variant.impl read); today's configs give the same key."""
+    for impl in ("ours", "peft"):
+        today = compose_with(["variant=lora", f"variant.impl={impl}"])
+        older = OmegaConf.to_container(today, resolve=True)
+        older["adapter"] = {"impl": impl}
+        assert results.run_key(today) == results.run_key(older)
+    mixed = OmegaConf.to_container(compose_with(["variant=lora", "variant.impl=peft"]), resolve=True)
+    mixed["adapter"] = {"impl": "ours"}  # variant.impl set directly, as an older config could: its own key
+    assert results.run_key(mixed) != results.run_key(compose_with(["variant=lora", "variant.impl=peft"]))
 
 
 # ---- 9. errors before the run ----------------------------------------------------------------------------------

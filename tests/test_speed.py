@@ -9,6 +9,7 @@ import torch
 
 from conftest import merged_and_composed
 from harness import adapters, models, results, tasks
+from harness.assemble import assemble, read_splits
 from harness.run import run
 from harness.train import LengthGroupedBatches, bf16_supported, concrete_precision, predict, sequence_lengths
 
@@ -53,25 +54,20 @@ def test_length_grouped_batches_are_fixed_by_the_seed_and_differ_between_epochs(
 
 
 def build_for_prediction(cfg):
-    task = tasks.get(cfg.task, cfg.data)
-    torch.manual_seed(0)
-    loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir)
-    variant = adapters.build(cfg.variant)
-    variant.prepare(loaded.model, loaded.head)
-    for _, layer in adapters.adapter_layers(loaded.model):
+    setup = assemble(cfg)
+    for _, layer in adapters.adapter_layers(setup.model):
         torch.nn.init.normal_(layer.lora_B)  # an adapter that changes the outputs
-    _, evals = task.datasets(loaded.tokenizer, cfg.seed)
-    return loaded, task, evals["validation"]
+    return setup, setup.task, read_splits(cfg, setup).evals["validation"]
 
 
 @pytest.mark.parametrize("task_name", ["rte", "stsb"])
 def test_evaluation_in_length_order_gives_the_outputs_of_dataset_order(make_cfg, task_name):
     cfg = make_cfg(f"task={task_name}", "train.eval_batch_size=7")
-    loaded, task, dataset = build_for_prediction(cfg)
-    collate = task.collate(loaded.tokenizer)
+    setup, task, dataset = build_for_prediction(cfg)
+    collate = task.collate(setup.tokenizer)
     cpu = torch.device("cpu")
-    ordered = predict(loaded.model, task, dataset, collate, cfg.train, cpu, None, in_length_order=True)
-    plain = predict(loaded.model, task, dataset, collate, cfg.train, cpu, None, in_length_order=False)
+    ordered = predict(setup.model, task, dataset, collate, cfg.train, cpu, None, in_length_order=True)
+    plain = predict(setup.model, task, dataset, collate, cfg.train, cpu, None, in_length_order=False)
     np.testing.assert_array_equal(ordered.outputs["idx"], np.asarray(dataset["idx"]))
     np.testing.assert_array_equal(ordered.outputs["idx"], plain.outputs["idx"])
     np.testing.assert_array_equal(ordered.outputs["label"], plain.outputs["label"])
@@ -151,7 +147,7 @@ def test_parallel_jobs_tokenize_a_split_once(make_cfg, tmp_path):
 
     cfg = make_cfg(f"data.cache_dir={tmp_path / 'cache'}")
     task = tasks.get(cfg.task, cfg.data)
-    tokenizer = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir).tokenizer
+    tokenizer = models.load_tokenizer(cfg.model, cfg.data.cache_dir)
     raw, _ = task.train_and_eval_raw()
     calls = tmp_path / "calls"
     context = multiprocessing.get_context("fork")

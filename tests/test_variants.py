@@ -10,13 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import adapters, models, results, tasks
+from harness import adapters, models, results
+from harness.assemble import assemble, parameter_counts
 from harness.adapters import VARIANTS, peft_bridge
 from harness.adapters.inject import AdapterVariant
 from harness.checkpoint import load_adapter, save_adapter
 from harness.errors import ConfigError
 from harness.inspect import compose_config, inspect
-from harness.run import count_parameters, run
+from harness.run import run
 from harness.meters import SavedTensorMeter
 
 from conftest import SQUAD_SHORT_WINDOWS
@@ -29,17 +30,10 @@ WITHOUT_PEFT = sorted(name for name, cls in VARIANTS.items() if not cls.peft_sup
 TINY = {"vera": ["variant.r=32"], "qlora": ["variant.compute_dtype=fp32"]}
 
 
-def build(cfg, adapter_seed: int | None = None):
-    """(model, variant, head) as run() builds them; `adapter_seed` re-seeds between base and adapter init, so a
-    reload test cannot pass by drawing the same random adapter twice."""
-    variant = adapters.build(cfg.variant)
-    task = tasks.get(cfg.task, cfg.data)
-    torch.manual_seed(cfg.seed)
-    loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir, with_tokenizer=False)
-    if adapter_seed is not None:
-        torch.manual_seed(adapter_seed)
-    variant.prepare(loaded.model, loaded.head)
-    return loaded.model, variant, loaded.head
+def build(cfg):
+    """(model, variant, head) as run() builds them (`harness.assemble`, no tokenizer)."""
+    setup = assemble(cfg, with_tokenizer=False)
+    return setup.model, setup.variant, setup.head
 
 
 def variant_cfg(make_cfg, name: str, *overrides: str, **kwargs):
@@ -176,7 +170,8 @@ def test_saved_adapter_reloads_exactly(make_cfg, name, tmp_path):
     model, variant, _ = build(cfg)
     perturb(model, variant.extra_state(model).values())  # Delta-LoRA's W, LoRA-FA's A, VeRA's projections too
     save_adapter(model, variant, tmp_path / "adapter.safetensors")
-    fresh, _, _ = build(cfg, adapter_seed=12345)  # a different adapter init: everything must come from the file
+    fresh, _, _ = build(cfg)  # the same base; its adapter moved elsewhere: everything must come from the file
+    perturb(fresh, variant.extra_state(fresh).values(), seed=12345)
     load_adapter(fresh, tmp_path / "adapter.safetensors")
     ids, _ = ids_and_labels()
     model.eval(), fresh.eval()
@@ -194,7 +189,7 @@ def peft_tensors(model, variant) -> dict[str, torch.nn.Parameter]:
 @pytest.mark.parametrize("name", PEFT_ADAPTERS)
 def test_our_layers_and_pefts_give_the_same_outputs_and_gradients(make_cfg, name):
     ours, variant, _ = build(variant_cfg(make_cfg, name))
-    theirs, peft_variant, _ = build(variant_cfg(make_cfg, name, "adapter.impl=peft"))
+    theirs, peft_variant, _ = build(variant_cfg(make_cfg, name, "variant.impl=peft"))
     ours_by_key, theirs_by_key = peft_tensors(ours, variant), peft_tensors(theirs, peft_variant)
     assert ours_by_key.keys() == theirs_by_key.keys() and ours_by_key
     assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
@@ -225,10 +220,11 @@ def test_our_layers_and_pefts_give_the_same_outputs_and_gradients(make_cfg, name
 def test_peft_loads_what_the_harness_saved_and_predicts_the_same(make_cfg, name, impl, tmp_path):
     from peft import PeftModel
 
-    cfg = variant_cfg(make_cfg, name, f"adapter.impl={impl}")
-    model, variant, _ = build(cfg)
+    cfg = variant_cfg(make_cfg, name, f"variant.impl={impl}")
+    setup = assemble(cfg, with_tokenizer=False)
+    model, variant = setup.model, setup.variant
     perturb(model)
-    variant.save_other_formats(model, tmp_path)
+    variant.save_other_formats(model, tmp_path, setup.head, setup.targeted)
     torch.manual_seed(cfg.seed)
     base = models.load(cfg.model, "classification", 2, cfg.data.cache_dir, with_tokenizer=False).model
     loaded = PeftModel.from_pretrained(base, tmp_path / "peft_adapter").eval()
@@ -241,7 +237,7 @@ def test_peft_loads_what_the_harness_saved_and_predicts_the_same(make_cfg, name,
 def test_lora_plus_groups_match_pefts_helper_for_A_and_B(make_cfg):
     groups = {}
     for impl in ("ours", "peft"):
-        model, variant, _ = build(make_cfg("variant=lora_plus", f"adapter.impl={impl}"))
+        model, variant, _ = build(make_cfg("variant=lora_plus", f"variant.impl={impl}"))
         lr_of = {id(p): g["lr"] for g in variant.param_groups(model, 1e-3, 0.1) for p in g["params"]}
         groups[impl] = {peft_bridge.peft_key(n, variant): lr_of[id(p)] for n, p in model.named_parameters()
                         if variant.adapter_attribute(n) is not None}
@@ -275,13 +271,14 @@ def test_delta_lora_weight_after_two_steps_equals_the_formula(make_cfg, start_st
     w0 = {n: layer.base.weight.detach().clone() for n, layer in layers.items()}
     products = []  # B A after 0, 1, 2 steps
     ids, labels = ids_and_labels()
+    state = variant.start_training(model, seed=0)
     for step in range(2):
         products.append({n: (layer.lora_B @ layer.lora_A).detach().clone() for n, layer in layers.items()})
-        variant.before_step(model, step, torch.Generator())
+        variant.before_step(model, step, state)
         model(input_ids=ids, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        variant.after_step(model, step)
+        variant.after_step(model, step, state)
     products.append({n: (layer.lora_B @ layer.lora_A).detach().clone() for n, layer in layers.items()})
     rate = 0.5 * 16 / 8  # lambda * alpha / r
     for n, layer in layers.items():
@@ -316,7 +313,7 @@ def test_dylora_samples_every_rank_from_the_generator(make_cfg):
     model, variant, _ = build(make_cfg("variant=dylora", "variant.r=4"))
     drawn = set()
     for step in range(60):
-        variant.before_step(model, step, torch.Generator().manual_seed(step))
+        variant.before_step(model, step, variant.start_training(model, seed=step))
         ranks = {layer.active_rank for _, layer in adapters.adapter_layers(model)}
         assert len(ranks) == 1  # one rank for all layers per step
         drawn |= ranks
@@ -365,7 +362,7 @@ def test_vera_matrices_are_one_tensor_and_the_same_for_the_same_seed(make_cfg):
     assert len(layers) == 4 and len(pointers) == 1  # every layer reads the same storage
     shared = [b for n, b in model.named_buffers() if n.split(".")[-1] in ("vera_A", "vera_B")]
     assert len(shared) == 2  # held once: the model lists one A and one B
-    again, _, _ = build(cfg, adapter_seed=999)  # the torch seed does not matter, the variant's seed does
+    again, _, _ = build(make_cfg("variant=vera", "variant.r=32", "variant.seed=7", "seed=999"))  # another run seed
     other, _, _ = build(make_cfg("variant=vera", "variant.r=32", "variant.seed=8"))
     first = lambda m: next(layer for _, layer in adapters.adapter_layers(m)).vera_projections  # noqa: E731
     assert torch.equal(first(model).vera_A, first(again).vera_A) and torch.equal(first(model).vera_B, first(again).vera_B)
@@ -373,19 +370,20 @@ def test_vera_matrices_are_one_tensor_and_the_same_for_the_same_seed(make_cfg):
 
 
 def test_qlora_quantizes_the_base_and_reports_its_bytes(make_cfg):
-    model, variant, head = build(make_cfg("variant=qlora"))
-    facts = variant.facts(model)
+    nf4 = assemble(make_cfg("variant=qlora"), with_tokenizer=False)
+    model, head, facts = nf4.model, nf4.head, nf4.facts
     assert facts["quant"] == "nf4" and facts["quant_backend"] == "torchao" and facts["double_quant"]
     assert facts["base_weight_bytes_after"] < facts["base_weight_bytes_before"] / 6  # 4-bit codes + scales vs fp32
     for name, layer in adapters.adapter_layers(model):
         assert layer.lora_A.dtype == torch.float32 and type(layer.base.weight).__name__ == "NF4Tensor"
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if adapters.base.is_under(n, head))
-    int8, int8_variant, _ = build(make_cfg("variant=qlora", "variant.quant=int8"))
-    assert facts["base_weight_bytes_after"] < int8_variant.facts(int8)["base_weight_bytes_after"] \
+    int8_setup = assemble(make_cfg("variant=qlora", "variant.quant=int8"), with_tokenizer=False)
+    int8 = int8_setup.model
+    assert facts["base_weight_bytes_after"] < int8_setup.facts["base_weight_bytes_after"] \
         < facts["base_weight_bytes_before"] / 3
     lora, _, _ = build(make_cfg("variant=lora"))
     # the packed base still stands for the same matrices: the total counts them as LoRA's does
-    assert count_parameters(model, head) == count_parameters(int8, head) == count_parameters(lora, head)
+    assert parameter_counts(model, head) == parameter_counts(int8, head) == parameter_counts(lora, head)
 
 
 def test_qlora_computes_in_bf16_where_the_device_has_it_and_records_the_choice(make_cfg, monkeypatch):
@@ -397,9 +395,9 @@ def test_qlora_computes_in_bf16_where_the_device_has_it_and_records_the_choice(m
     monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
     assert qlora.resolve_compute_dtype("auto", torch.device("cpu")) == "bf16"
     assert qlora.resolve_compute_dtype("fp32", torch.device("cpu")) == "fp32"
-    model, variant, _ = build(make_cfg("variant=qlora", "variant.compute_dtype=bf16"))
-    assert variant.facts(model)["compute_dtype"] == "bf16"
-    layer = next(layer for _, layer in adapters.adapter_layers(model))
+    bf16 = assemble(make_cfg("variant=qlora", "variant.compute_dtype=bf16"), with_tokenizer=False)
+    assert bf16.facts["compute_dtype"] == "bf16"
+    layer = next(layer for _, layer in adapters.adapter_layers(bf16.model))
     seen = []
     layer.base.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
     x = torch.randn(2, 5, layer.in_features)
@@ -407,11 +405,11 @@ def test_qlora_computes_in_bf16_where_the_device_has_it_and_records_the_choice(m
     out = layer.base(x)
     assert seen == [torch.float32]  # cast back to the input's dtype, as bitsandbytes' Linear4bit does
     assert 0 < (out - exact).abs().max() < 0.05 * exact.abs().max()  # computed in bf16: close, not exact
-    fp32, fp32_variant, _ = build(make_cfg("variant=qlora", "variant.compute_dtype=fp32"))
-    fp32_layer = next(layer for _, layer in adapters.adapter_layers(fp32))
+    fp32 = assemble(make_cfg("variant=qlora", "variant.compute_dtype=fp32"), with_tokenizer=False)
+    fp32_layer = next(layer for _, layer in adapters.adapter_layers(fp32.model))
     torch.testing.assert_close(fp32_layer.base(x), x @ fp32_layer.base.dequantized_weight(torch.float32).T
                                + fp32_layer.base.bias)
-    assert fp32_variant.facts(fp32)["compute_dtype"] == "fp32"
+    assert fp32.facts["compute_dtype"] == "fp32"
 
 
 # ---- through the trainer -----------------------------------------------------------------------------
@@ -426,11 +424,23 @@ def test_delta_lora_that_would_never_update_w_is_a_config_error_not_a_lora_row(m
 
 
 @pytest.mark.parametrize("name", ADAPTERS)
-def test_every_adapter_trains_through_run_and_writes_its_row(make_cfg, name):
+def test_every_adapter_trains_through_run_and_writes_its_row(make_cfg, name, monkeypatch):
+    """...and the variant object ends the run as it was built: a run's state (targets, head, DyLoRA's generator,
+    Delta-LoRA's previous factors, QLoRA's backend) lives in what prepare and start_training return, not on it."""
     overrides = {"delta_lora": ["variant.start_step=0"], "dylora": ["variant.eval_ranks=[1,2]"]}.get(name, [])
     cfg = variant_cfg(make_cfg, name, "train.max_steps=2", *overrides)
+    built, real_build = [], adapters.build
+
+    def build_and_keep(variant_cfg):
+        variant = real_build(variant_cfg)
+        built.append((variant, dict(vars(variant))))
+        return variant
+
+    monkeypatch.setattr(adapters, "build", build_and_keep)
     row = run(cfg)
     assert row["status"] == "ok", row.get("error")
+    [(variant, as_built)] = built
+    assert vars(variant) == as_built and as_built.keys() == {"cfg"}
     assert row["saved_activation_bytes"] > 0 and row["trainable_params"] > 0
     artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"])
     saved = load_file(artifacts / "adapter.safetensors")
@@ -477,7 +487,7 @@ def test_non_positive_alpha_is_rejected(make_cfg, name, alpha):
 @pytest.mark.parametrize("name", WITHOUT_PEFT)
 def test_impl_peft_is_rejected_where_peft_lacks_the_variant(make_cfg, name):
     with pytest.raises(ConfigError, match="peft has no implementation"):
-        adapters.build(variant_cfg(make_cfg, name, "adapter.impl=peft").variant)
+        adapters.build(variant_cfg(make_cfg, name, "variant.impl=peft").variant)
 
 
 @pytest.mark.parametrize("overrides,match", [

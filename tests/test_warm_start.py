@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from harness import adapters, results, sweep, warm_start
 from harness import run as run_module
 from harness.errors import ConfigError, HarnessError
+from harness.train import TrainingLoop
 
 MNLI = ["task=mnli", "data.protocol=holdout"]
 
@@ -32,14 +33,15 @@ def test_rte_starts_from_the_mnli_runs_adapter_and_its_run_key_includes_mnlis(ma
     mnli_adapter = {n: t for n, t in load_file(str(checkpoint)).items() if not n.startswith("classifier")}
 
     seen = {}
-    real_train = run_module.train
+    real_run = TrainingLoop.run
 
-    def train_and_record_the_start(model, task, train_set, eval_sets, collate, variant, cfg, *args, **kwargs):
-        seen["start"] = adapter_tensors(model, variant.head)
+    def train_and_record_the_start(loop):
+        model = loop.setup.model
+        seen["start"] = adapter_tensors(model, loop.setup.head)
         seen["head"] = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("classifier")}
-        return real_train(model, task, train_set, eval_sets, collate, variant, cfg, *args, **kwargs)
+        return real_run(loop)
 
-    monkeypatch.setattr(run_module, "train", train_and_record_the_start)
+    monkeypatch.setattr(TrainingLoop, "run", train_and_record_the_start)
     cold = make_cfg("task=rte")
     warm = make_cfg("task=rte", "init_from=mnli")
     row = run_module.run(warm)

@@ -9,6 +9,10 @@ Two levels, as in peft's tuners:
   step, a hook after each optimizer step, the settings evaluation should score). Methods that are not
   adapters (full fine-tuning, head only, BitFit) are variants too: freezing policies with no layers.
 
+A variant object holds its config and nothing else, so one object can prepare any number of models. What
+`prepare` did comes back as `Prepared`; state that lives for one training run (DyLoRA's rank generator,
+Delta-LoRA's previous factors) is made by `start_training` and handed to the step hooks by the loop.
+
 Every variant registers itself by name with `@register`; `conf/variant/<name>.yaml` carries its defaults.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -131,6 +136,15 @@ def is_norm_or_bias(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "LayerNorm" in name or "layer_norm" in name
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What `Variant.prepare` did to a model: the modules it adapted (full names) and the variant's own
+    measurements for the row's extra_json (QLoRA's base bytes before and after quantization, VeRA's shared bytes)."""
+
+    targeted: list[str]
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
 class Variant:
     """One fine-tuning method. Subclasses override `inject` (adapters) or `trainable` (freezing policies).
 
@@ -142,7 +156,6 @@ class Variant:
     name: ClassVar[str]
     uses_rank: ClassVar[bool] = False  # rank-free variants run once per task x seed in sweeps
     peft_supported: ClassVar[bool] = False
-    device: torch.device | None = None  # where the model will train, set by run() before prepare (QLoRA's dtype)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -168,18 +181,18 @@ class Variant:
         return self.option("r") if self.uses_rank else None
 
     # ---- building -----------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module, head: list[str]) -> list[str]:
-        """Freeze the model, inject this variant, unfreeze what it trains; return the targeted module names."""
+    def prepare(self, model: nn.Module, head: list[str], device: torch.device | None = None) -> Prepared:
+        """Freeze the model, inject this variant, unfreeze what it trains (the task head always). `device` is
+        where the model will train (QLoRA picks its compute dtype for it; None: CUDA if present, else CPU)."""
         model.requires_grad_(False)
-        self.head = list(head)  # for train.head_lr
         targeted = self.inject(model, head)
         for name, param in model.named_parameters():
             if is_under(name, head) or self.trainable(name, param):
                 param.requires_grad_(True)
-        return targeted
+        return Prepared(targeted, self.facts(model))
 
     def inject(self, model: nn.Module, head: list[str]) -> list[str]:
-        """Replace target modules with adapter layers; freezing policies inject nothing."""
+        """Replace target modules with adapter layers and return their names; freezing policies inject nothing."""
         return []
 
     def trainable(self, name: str, param: nn.Parameter) -> bool:
@@ -208,25 +221,36 @@ class Variant:
         """Called once the run's number of optimizer steps is known, before the first: a variant whose settings
         cannot act within that many steps raises ConfigError (Delta-LoRA's start step)."""
 
-    def before_step(self, model: nn.Module, step: int, generator: torch.Generator) -> None:
-        """Called before each training forward (DyLoRA samples its rank here)."""
+    def start_training(self, model: nn.Module, seed: int) -> dict[str, Any]:
+        """The state one training run keeps for this variant (DyLoRA: its rank generator), made before the first
+        step and passed to `before_step` and `after_step`; the variant object itself stays as configured."""
+        return {}
 
-    def after_step(self, model: nn.Module, step: int) -> None:
+    def before_step(self, model: nn.Module, step: int, state: dict[str, Any]) -> None:
+        """Called before each optimizer step's first forward (DyLoRA samples its rank here)."""
+
+    def after_step(self, model: nn.Module, step: int, state: dict[str, Any]) -> None:
         """Called after each optimizer step (Delta-LoRA updates the frozen weights here)."""
 
     def eval_settings(self, model: nn.Module) -> Iterator[tuple[str | None, contextlib.AbstractContextManager]]:
         """Settings evaluation scores, as (label, context). One unlabelled setting; DyLoRA yields one per rank."""
         yield None, contextlib.nullcontext()
 
+    def row_columns(self, extra_scores: dict[str, float]) -> dict[str, Any]:
+        """Row columns of this variant from `extra_scores`, the primary score of each labelled `eval_settings`
+        setting at the last evaluation (DyLoRA: its score per rank)."""
+        return {}
+
     def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Tensors besides the trainable ones that a saved adapter needs (Delta-LoRA: its updated base weights)."""
         return {}
 
     def facts(self, model: nn.Module) -> dict[str, Any]:
-        """Variant-specific measurements for the row's extra_json (QLoRA: base weight bytes before/after)."""
+        """Variant-specific measurements of a prepared model, for `Prepared.facts` and the row's extra_json (VeRA:
+        its shared projections' bytes; QLoRA adds what quantizing measured in its `prepare`)."""
         return {}
 
-    def save_other_formats(self, model: nn.Module, folder) -> None:
+    def save_other_formats(self, model: nn.Module, folder, head: list[str], targeted: list[str]) -> None:
         """Save the adapter in other tools' formats too (peft's, for variants peft has)."""
 
 

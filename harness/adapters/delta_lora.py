@@ -8,6 +8,8 @@ gradient of A B stands in for the gradient W would have had); a dropout > 0 is r
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -44,16 +46,16 @@ class DeltaLoRA(LoRA):
                               f"variant.start_step below {total_steps - 1} (the paper's K=500 is for long runs)")
 
     @torch.no_grad()
-    def before_step(self, model: nn.Module, step: int, generator: torch.Generator) -> None:
-        """Remember A_t and B_t (tiny copies) before the optimizer moves them."""
-        self.previous = {name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
-                         for name, layer in adapter_layers(model)}
+    def before_step(self, model: nn.Module, step: int, state: dict[str, Any]) -> None:
+        """Remember A_t and B_t (tiny copies, in the run's `state`) before the optimizer moves them."""
+        state["previous"] = {name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+                             for name, layer in adapter_layers(model)}
 
     @torch.no_grad()
-    def after_step(self, model: nn.Module, step: int) -> None:
+    def after_step(self, model: nn.Module, step: int, state: dict[str, Any]) -> None:
         if step <= self.option("start_step"):
             return
-        previous = getattr(self, "previous", None)
+        previous = state.get("previous")
         if previous is None:
             raise RuntimeError("DeltaLoRA.after_step needs before_step to have run for this step (the trainer calls both)")
         rate = self.option("update_ratio") * self.scaling()

@@ -18,7 +18,9 @@ The scaling is the same in both: the reference multiplies A and B each by sqrt(r
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,9 +93,14 @@ class DyLoRA(LoRA):
         for _, layer in adapter_layers(model):
             layer.set_rank(b)
 
-    def before_step(self, model: nn.Module, step: int, generator: torch.Generator) -> None:
+    def start_training(self, model: nn.Module, seed: int) -> dict[str, Any]:
+        """The run's rank draws come from their own generator, seeded seed + 1: apart from dropout's (the global
+        RNG), so that a run's ranks depend on its seed alone."""
+        return {"rank_generator": torch.Generator().manual_seed(seed + 1)}
+
+    def before_step(self, model: nn.Module, step: int, state: dict[str, Any]) -> None:
         """Draw this step's rank b uniformly from 1..r (one b for all layers, as in the paper)."""
-        b = int(torch.randint(1, self.option("r") + 1, (1,), generator=generator))
+        b = int(torch.randint(1, self.option("r") + 1, (1,), generator=state["rank_generator"]))
         self.set_rank(model, b)
 
     @contextlib.contextmanager
@@ -109,3 +116,7 @@ class DyLoRA(LoRA):
         yield None, self.at_rank(model, self.option("r"))
         for b in self.eval_ranks():
             yield f"r={b}", self.at_rank(model, b)
+
+    def row_columns(self, extra_scores: dict[str, float]) -> dict[str, Any]:
+        """rank_scores_json: {"r=<b>": primary score at rank b} of the last evaluation."""
+        return {"rank_scores_json": json.dumps(extra_scores)} if extra_scores else {}

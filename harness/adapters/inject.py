@@ -64,8 +64,8 @@ class AdapterVariant(Variant):
     """A variant that wraps target linears in `AdapterLinear` layers (LoRA and its family).
 
     Config keys: r, alpha, dropout, targets, all_linear (+ the common ones of `Variant`).
-    Subclasses implement `make_layer`; they may override `setup` to see all targets first (VeRA sizes its
-    shared matrices from them).
+    Subclasses implement `make_layer`, or `layer_maker` to see all targets first (VeRA sizes its shared
+    matrices from them and hands them to every layer).
     """
 
     uses_rank = True
@@ -87,11 +87,12 @@ class AdapterVariant(Variant):
 
     def inject(self, model: nn.Module, head: list[str]) -> list[str]:
         chosen = select_targets(model, list(self.option("targets") or []), self.option("all_linear", False), head)
-        self.setup(chosen)
-        return replace_modules(model, chosen, self.make_layer)
+        return replace_modules(model, chosen, self.layer_maker(chosen))
 
-    def setup(self, chosen: list[tuple[str, nn.Linear]]) -> None:
-        """Called once with every target before any layer is built."""
+    def layer_maker(self, chosen: list[tuple[str, nn.Linear]]) -> Callable[[str, nn.Linear], AdapterLinear]:
+        """What builds the layer of each target, given every target before any layer is built: `make_layer`, or
+        (VeRA) a function holding what this model's layers share."""
+        return self.make_layer
 
     def make_layer(self, name: str, base: nn.Linear) -> AdapterLinear:
         raise NotImplementedError

@@ -159,17 +159,16 @@ class LoRA(AdapterVariant):
         return self.option("impl", "ours")
 
     def inject(self, model: nn.Module, head: list[str]) -> list[str]:
-        self.head = list(head)
         self.check_rank(select_targets(model, list(self.option("targets") or []), self.option("all_linear", False),
                                        head))
         if self.impl == "peft":
-            self.targeted = peft_bridge.inject(model, self, head)
+            targeted = peft_bridge.inject(model, self, head)
         else:
-            self.targeted = super().inject(model, head)
+            targeted = super().inject(model, head)
         # New adapter tensors start out trainable (and peft marks its own); freeze them all so that `trainable`
         # alone decides, the same rule for both implementations (LoRA-FA: B only).
         model.requires_grad_(False)
-        return self.targeted
+        return targeted
 
     def max_rank(self, layer: nn.Linear) -> int:
         """The largest useful r for `layer`: B A has rank at most min(in, out), so a larger r only adds parameters."""
@@ -208,8 +207,8 @@ class LoRA(AdapterVariant):
         """Tensors peft saves once for the whole model, by their key in peft's file (VeRA's projections)."""
         return {}
 
-    def save_other_formats(self, model: nn.Module, folder) -> None:
+    def save_other_formats(self, model: nn.Module, folder, head: list[str], targeted: list[str]) -> None:
         """The adapter and head in peft's format too, in `<folder>/peft_adapter`:
         `PeftModel.from_pretrained(base_model, <folder>/peft_adapter)` loads them."""
         if self.peft_supported:
-            peft_bridge.save(model, self, Path(folder) / PEFT_FOLDER)
+            peft_bridge.save(model, self, Path(folder) / PEFT_FOLDER, head, targeted)

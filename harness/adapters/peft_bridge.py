@@ -55,25 +55,26 @@ def peft_key(name: str, variant) -> str:
     return f"base_model.model.{path}.{attribute}{PEFT_FILE_SUFFIX.get(attribute, '')}"
 
 
-def peft_state(model: nn.Module, variant) -> dict[str, torch.Tensor]:
+def peft_state(model: nn.Module, variant, head: list[str]) -> dict[str, torch.Tensor]:
     """Every adapter tensor (frozen ones too: LoRA-FA's A), the head, and the variant's shared tensors."""
     state = {}
     for name, param in model.named_parameters():
-        if variant.adapter_attribute(name) is not None or is_under(name, variant.head):
+        if variant.adapter_attribute(name) is not None or is_under(name, head):
             state[peft_key(name, variant)] = param.detach()
     state.update(variant.peft_shared_tensors(model))
     return {key: tensor.contiguous().cpu().clone() for key, tensor in state.items()}
 
 
-def save(model: nn.Module, variant, folder: str | Path) -> None:
-    """`adapter_config.json` and `adapter_model.safetensors` in `folder`, as `PeftModel.save_pretrained` writes them."""
+def save(model: nn.Module, variant, folder: str | Path, head: list[str], targeted: list[str]) -> None:
+    """`adapter_config.json` and `adapter_model.safetensors` in `folder`, as `PeftModel.save_pretrained` writes them:
+    the adapter on `targeted` (the modules `prepare` adapted), the task `head` as `modules_to_save`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = variant.peft_config(variant.targeted)
-    config.modules_to_save = list(variant.head)
+    config = variant.peft_config(targeted)
+    config.modules_to_save = list(head)
     config.inference_mode = True
     config.save_pretrained(str(folder))
-    save_file(peft_state(model, variant), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(peft_state(model, variant, head), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def loraplus_param_groups(model: nn.Module, lr: float, ratio: float, weight_decay: float) -> list[dict]:

@@ -20,13 +20,14 @@ import dataclasses
 import importlib.util
 import logging
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from harness import hardware
-from harness.adapters.base import AdapterLinear, is_under, register, weight_bytes
+from harness.adapters.base import AdapterLinear, Prepared, is_under, register, weight_bytes
 from harness.adapters.inject import replace_modules
 from harness.adapters.lora import LoRA, LoRALinear
 from harness.errors import ConfigError, require
@@ -211,7 +212,7 @@ class QLoRALinear(LoRALinear):
 class QLoRA(LoRA):
     """LoRA (LoRA's adapter config; the QLoRA paper's is recipe=qlora_paper) on an NF4/int8 base.
 
-    `facts()` reports the encoder's linear-weight bytes before and after quantization, and the compute dtype.
+    `prepare()` reports the encoder's linear-weight bytes before and after quantization, and the compute dtype.
     """
 
     peft_supported = False
@@ -229,42 +230,40 @@ class QLoRA(LoRA):
                     "a positive integer")
         require(self.option("compute_dtype", "auto") in ("auto", *COMPUTE_DTYPES), "variant.compute_dtype",
                 self.option("compute_dtype"), "auto (bf16 where the device has it, else fp32), bf16 or fp32")
-        self.backend = resolve_backend(self.option("backend"))
-        if self.backend == "torchao" and quant == "nf4" and not self.option("double_quant"):
+        backend = resolve_backend(self.option("backend"))  # here, so that a missing backend fails before loading
+        if backend == "torchao" and quant == "nf4" and not self.option("double_quant"):
             raise ConfigError("variant.double_quant=false: torchao's NF4 always double-quantizes its scales; "
                               "use variant.double_quant=true, or variant.backend=bitsandbytes on CUDA")
 
-    def compute_dtype(self) -> str:
-        """The base matmuls' dtype on the device this run trains on (run() sets `device`; else CUDA if present)."""
-        device = self.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return resolve_compute_dtype(self.option("compute_dtype", "auto"), device)
+    def prepare(self, model: nn.Module, head: list[str], device: torch.device | None = None) -> Prepared:
+        """Quantize every frozen linear layer of the encoder, then put LoRA on the targets (LoRA's prepare). The
+        facts: the encoder's linear-weight bytes before and after, the backend and the compute dtype."""
+        facts = self.quantize_base(model, head, device)
+        prepared = super().prepare(model, head, device)
+        return Prepared(prepared.targeted, {**prepared.facts, **facts})
 
-    def quantize(self, linear: nn.Linear) -> nn.Linear:
-        dtype = COMPUTE_DTYPES[self.resolved_compute_dtype]
-        if self.backend == "bitsandbytes":
+    def quantize_base(self, model: nn.Module, head: list[str], device: torch.device | None) -> dict[str, Any]:
+        """Replace the encoder's linear layers (not the head's, not adapters) by quantized ones; what was done."""
+        backend = resolve_backend(self.option("backend"))
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        compute_dtype = resolve_compute_dtype(self.option("compute_dtype", "auto"), device)
+        linears = [(name, module) for name, module in model.named_modules()
+                   if isinstance(module, nn.Linear) and not is_under(name, head) and not isinstance(module, AdapterLinear)]
+        before = sum(weight_bytes(module.weight) for _, module in linears)
+        dtype = COMPUTE_DTYPES[compute_dtype]
+        replace_modules(model, linears, lambda name, linear: self.quantize(linear, backend, dtype))
+        # bitsandbytes quantizes when the model moves to CUDA, after this point: its size is not known yet.
+        after = (sum(weight_bytes(model.get_submodule(name).weight) for name, _ in linears)
+                 if backend == "torchao" else None)
+        return {"quant": self.option("quant"), "quant_backend": backend, "double_quant": self.option("double_quant"),
+                "quantized_linear_layers": len(linears), "base_weight_bytes_before": before,
+                "base_weight_bytes_after": after, "compute_dtype": compute_dtype}
+
+    def quantize(self, linear: nn.Linear, backend: str, dtype: torch.dtype) -> nn.Linear:
+        if backend == "bitsandbytes":
             return bitsandbytes_quantized_linear(linear, self.option("quant"), self.option("double_quant"), dtype)
         return TorchaoQuantizedLinear(linear, self.option("quant"), self.option("block_size"),
                                       self.option("scaler_block_size"), dtype)
 
-    def inject(self, model: nn.Module, head: list[str]) -> list[str]:
-        """Quantize every frozen linear layer of the encoder, then put LoRA on the targets."""
-        linears = [(name, module) for name, module in model.named_modules()
-                   if isinstance(module, nn.Linear) and not is_under(name, head) and not isinstance(module, AdapterLinear)]
-        before = sum(weight_bytes(module.weight) for _, module in linears)
-        self.resolved_compute_dtype = self.compute_dtype()
-        replace_modules(model, linears, lambda name, linear: self.quantize(linear))
-        # bitsandbytes quantizes when the model moves to CUDA, after this point: its size is not known yet.
-        after = (sum(weight_bytes(model.get_submodule(name).weight) for name, _ in linears)
-                 if self.backend == "torchao" else None)
-        self.quantization_facts = {
-            "quant": self.option("quant"), "quant_backend": self.backend, "double_quant": self.option("double_quant"),
-            "quantized_linear_layers": len(linears), "base_weight_bytes_before": before,
-            "base_weight_bytes_after": after, "compute_dtype": self.resolved_compute_dtype,
-        }
-        return super().inject(model, head)
-
     def make_layer(self, name: str, base: nn.Linear) -> QLoRALinear:
         return QLoRALinear(base, self.option("r"), self.scaling(), self.option("dropout", 0.0))
-
-    def facts(self, model: nn.Module) -> dict:
-        return dict(getattr(self, "quantization_facts", {}))

@@ -9,6 +9,7 @@ query,value with r=1024 that is 24 x (768 + 1024) = 43,008 parameters. There is 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -111,14 +112,17 @@ class VeRA(LoRA):
         768-wide layers); above in x out the trained vector d has more entries than the weight it adapts."""
         return layer.in_features * layer.out_features
 
-    def setup(self, chosen: list[tuple[str, nn.Linear]]) -> None:
+    def layer_maker(self, chosen: list[tuple[str, nn.Linear]]) -> Callable[[str, nn.Linear], VeRALinear]:
+        """One pair of projections for this model, sized for its largest target, given to every layer."""
         max_in = max(module.in_features for _, module in chosen)
         max_out = max(module.out_features for _, module in chosen)
         device = chosen[0][1].weight.device
-        self.projections = VeRAProjections(self.option("r"), max_in, max_out, self.option("seed")).to(device)
+        projections = VeRAProjections(self.option("r"), max_in, max_out, self.option("seed")).to(device)
+        return lambda name, base: VeRALinear(base, projections, self.option("d_initial"), self.option("dropout", 0.0))
 
     def make_layer(self, name: str, base: nn.Linear) -> VeRALinear:
-        return VeRALinear(base, self.projections, self.option("d_initial"), self.option("dropout", 0.0))
+        raise NotImplementedError("VeRA's layers share one pair of projections per model: build them with "
+                                  "layer_maker(every target), not one at a time")
 
     @staticmethod
     def shared_buffers(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
