@@ -40,6 +40,10 @@ LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
 PREDS = np.array([1, 1, 1, 0, 1, 1, 0, 0, 0, 0])
 
 
+# squad_v2_scores of one answerable question answered right (no unanswerable ones: their keys are left out)
+ONE_QUESTION_ANSWERED_RIGHT = {"exact": 100.0, "f1": 100.0, "total": 1,
+                               "HasAns_exact": 100.0, "HasAns_f1": 100.0, "HasAns_total": 1}
+
 def test_glue_classification_hand_computed():
     out = glue_metrics(["accuracy", "f1", "mcc"], PREDS, LABELS)
     # accuracy = (TP + TN) / n = 7 / 10
@@ -361,14 +365,7 @@ def test_v2_gold_normalising_to_empty_is_dropped():
     # ...but the question still counts as HasAns (raw gold list is non-empty).
     assert make_qid_to_has_ans({"q": ["the"], "n": []}) == {"q": True, "n": False}
     out = squad_v2_scores({"q": ""}, {"q": ["the"]})
-    assert out == {
-        "exact": 100.0,
-        "f1": 100.0,
-        "total": 1,
-        "HasAns_exact": 100.0,
-        "HasAns_f1": 100.0,
-        "HasAns_total": 1,
-    }
+    assert out == ONE_QUESTION_ANSWERED_RIGHT
 
 
 def test_v2_max_over_several_gold_answers():
@@ -492,14 +489,7 @@ def test_make_eval_dict_subset_and_empty_list_means_all():
 
 def test_v2_omits_empty_subsets_and_ignores_extra_predictions():
     out = squad_v2_scores({"q": "Paris", "extra": "x"}, {"q": ["Paris"]})
-    assert out == {
-        "exact": 100.0,
-        "f1": 100.0,
-        "total": 1,
-        "HasAns_exact": 100.0,
-        "HasAns_f1": 100.0,
-        "HasAns_total": 1,
-    }
+    assert out == ONE_QUESTION_ANSWERED_RIGHT
 
 
 def test_v2_errors():
