@@ -109,6 +109,26 @@ def make_cfg(tmp_path, tiny_data_dir):
     return make
 
 
+# ---- LoRA against peft (tests/test_variants.py, tests/test_train.py) --------------------------------------
+def peft_twin(cfg, ours):
+    """peft's LoRA (r=4, alpha=8 on query,value; classifier trained) on a copy of `ours`: same base, A, B, head."""
+    from peft import LoraConfig, get_peft_model
+
+    from harness import adapters, models
+
+    plain = models.load(cfg.model, "classification", 2, cfg.data.cache_dir).model
+    # Same base weights: copy ours' base (the wrapped .base.weight) into peft's model.
+    plain.load_state_dict({k.replace(".base.", "."): v for k, v in ours.model.state_dict().items() if "lora_" not in k})
+    theirs = get_peft_model(plain, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                              lora_dropout=0.0, modules_to_save=["classifier"]))
+    for name, layer in adapters.adapter_layers(ours.model):
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        peft_layer.lora_A["default"].weight.data.copy_(layer.lora_A.data)
+        peft_layer.lora_B["default"].weight.data.copy_(layer.lora_B.data)
+    theirs.base_model.model.classifier.modules_to_save["default"].load_state_dict(ours.model.classifier.state_dict())
+    return theirs
+
+
 # ---- SQuAD-format data ------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ checked against direct scikit-learn / SciPy calls).
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 from sklearn import metrics as skm
@@ -499,3 +500,15 @@ def test_v2_errors():
         squad_v2_scores({"a": "x", "b": ""}, {"a": ["x"], "b": []}, {"a": 0.1})
     with pytest.raises(ValueError, match="empty"):
         squad_v2_scores({}, {})
+
+
+def test_a_constant_prediction_is_degenerate_for_classes_and_for_regression():
+    from harness.metrics import constant_predictions
+
+    frame = lambda *values: pd.DataFrame({"split": "validation", "prediction": list(values)})  # noqa: E731
+    assert constant_predictions(frame(1, 1, 1)) is True and constant_predictions(frame(0, 1, 1)) is False
+    assert constant_predictions(frame(2.5, 2.5)) is True and constant_predictions(frame(2.5, 2.4)) is False
+    two_splits = pd.concat([frame(0, 1), frame(1, 1).assign(split="validation_mismatched")])
+    assert constant_predictions(two_splits) is True  # one constant split is enough
+    assert constant_predictions(pd.DataFrame({"prediction": ["an answer", "another"]})) is None  # SQuAD spans
+    assert constant_predictions(None) is None

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from harness import adapters, models, results
@@ -20,7 +21,7 @@ from harness.inspect import compose_config, inspect
 from harness.run import run
 from harness.meters import SavedTensorMeter
 
-from conftest import SQUAD_SHORT_WINDOWS
+from conftest import CONF_DIR, SQUAD_SHORT_WINDOWS, peft_twin
 
 ADAPTERS = sorted(name for name, cls in VARIANTS.items() if issubclass(cls, AdapterVariant))
 PEFT_ADAPTERS = [name for name in ADAPTERS if VARIANTS[name].peft_supported]
@@ -516,3 +517,107 @@ def test_qlora_without_a_backend_is_a_clear_error(make_cfg, monkeypatch):
 def test_qlora_bitsandbytes_backend_without_cuda_is_a_clear_error(make_cfg):
     with pytest.raises(ConfigError, match="variant.backend=bitsandbytes cannot run here"):
         adapters.build(make_cfg("variant=qlora", "variant.backend=bitsandbytes").variant)
+
+
+@pytest.mark.parametrize("model,expected", [("roberta_base", 294_912), ("roberta_large", 786_432)])
+def test_lora_r8_query_value_matches_the_lora_paper(model, expected):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={model}", "model.init=random", "task=rte"])
+    report = inspect(cfg)
+    assert report["trainable_params_no_head"] == expected
+    n_layers = 12 if model == "roberta_base" else 24
+    assert len(report["targeted_modules"]) == 2 * n_layers
+
+
+def test_head_is_trainable_and_counted_separately(make_cfg):
+    cfg = make_cfg("variant=head")
+    setup = assemble(cfg)
+    trainable = {n for n, p in setup.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("classifier.") for n in trainable)
+
+
+def test_bitfit_trains_biases_and_head_only(make_cfg):
+    setup = assemble(make_cfg("variant=bitfit"))
+    for name, p in setup.model.named_parameters():
+        assert p.requires_grad == (name.endswith(".bias") or name.startswith("classifier.")), name
+
+
+def test_train_biases_and_layer_norms_options(make_cfg):
+    setup = assemble(make_cfg("variant.train_biases=true", "variant.train_layer_norms=true"))
+    trainable = {n for n, p in setup.model.named_parameters() if p.requires_grad}
+    assert any("LayerNorm.weight" in n for n in trainable)
+    assert any(n.endswith("attention.self.key.bias") for n in trainable)
+    assert not any(n.endswith("key.weight") for n in trainable)
+
+
+def test_all_linear_targets_every_encoder_linear_but_never_the_head(make_cfg):
+    setup = assemble(make_cfg("variant.all_linear=true"))
+    adapted = [n for n, _ in adapters.adapter_layers(setup.model)]
+    assert len(adapted) == 2 * 6  # q, k, v, attention out, intermediate, output per layer
+    assert not any(n.startswith("classifier") for n in adapted)
+
+
+def test_lora_matches_peft_outputs_and_gradients(make_cfg):
+    cfg = make_cfg("variant.r=4", "variant.alpha=8")
+    ours = assemble(cfg)
+    torch.manual_seed(0)
+    for _, layer in adapters.adapter_layers(ours.model):
+        torch.nn.init.normal_(layer.lora_B)  # non-zero B so the adapter path matters
+    theirs = peft_twin(cfg, ours)
+    ids = torch.randint(3, 500, (3, 11))
+    labels = torch.tensor([0, 1, 1])
+    ours.model.eval(), theirs.eval()
+    out_ours = ours.model(input_ids=ids, labels=labels)
+    out_theirs = theirs(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    for name, layer in adapters.adapter_layers(ours.model):
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.lora_A.grad, peft_layer.lora_A["default"].weight.grad)
+        torch.testing.assert_close(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad)
+
+
+def test_unmatched_targets_fail_listing_what_exists(make_cfg):
+    with pytest.raises(ConfigError, match=r"matched no module.*query"):
+        assemble(make_cfg("variant.targets=[q_proj]"))
+
+
+def test_regex_targets(make_cfg):
+    setup = assemble(make_cfg(r"variant.targets=['re:.*layer\.0\.attention\.self\.(query|key)']"))
+    assert [n.split(".")[-1] for n, _ in adapters.adapter_layers(setup.model)] == ["query", "key"]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["variant.name=lorax"], "unknown; registered variants"),
+    (["variant.r=0"], r"variant.r=0"),
+    (["variant.r=-4"], r"variant.r=-4"),
+    (["variant.alpha=0"], r"variant.alpha=0"),
+    (["variant.dropout=1.5"], r"variant.dropout"),
+    (["variant.targets=[]"], r"variant.targets"),
+])
+def test_bad_variant_configs_raise_clear_errors(make_cfg, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        adapters.build(make_cfg(*overrides).variant)
+
+
+def test_registry_rejects_duplicate_names():
+    with pytest.raises(ValueError, match="already registered"):
+        adapters.register("lora")(type("Again", (adapters.Variant,), {}))
+
+
+def test_merge_matches_unmerged_and_removes_the_adapter_cost(make_cfg):
+    setup = assemble(make_cfg())
+    model = setup.model.eval()
+    for _, layer in adapters.adapter_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    ids = torch.randint(3, 500, (2, 9))
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        for _, layer in adapters.adapter_layers(model):
+            layer.merge()
+        merged = model(input_ids=ids).logits
+        for _, layer in adapters.adapter_layers(model):  # merged inference never touches the adapter
+            layer.delta = lambda *a: pytest.fail("delta called on a merged layer")
+        model(input_ids=ids)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
