@@ -104,6 +104,12 @@ def job_logs(results_dir: Path) -> str:
 
 
 
+def ended_jobs(name: str) -> list[dict[str, str]] | None:
+    """sacct's jobs of this sweep once none of them is still accounted as running or pending (None before)."""
+    jobs = sacct(name)
+    return jobs if jobs and all(j["State"] not in ("RUNNING", "PENDING") for j in jobs) else None
+
+
 def wait_for(condition, timeout: float = 300, what: str = "condition"):
     return shared_wait_for(condition, timeout, what, poll_s=0.5)
 
@@ -127,7 +133,8 @@ def test_an_array_sweep_writes_every_row_respects_its_parallelism_and_a_rerun_su
     assert all(r["status"] == "ok" for r in made.values())
     assert all(r["device"].startswith("cpu:1 threads@") for r in made.values()), "cpus_per_task=1 -> 1 thread"
 
-    jobs = sacct(slurm_sweep.name)
+    # submitit returns once each task's result is written; slurmd may account the last task as RUNNING a moment longer
+    jobs = wait_for(lambda: ended_jobs(slurm_sweep.name), timeout=60, what="the array's tasks accounted as ended")
     assert len(jobs) == 3 and len({j["JobID"].split("_")[0] for j in jobs}) == 1, f"one array of 3: {jobs}"
     assert all(j["State"] == "COMPLETED" for j in jobs), jobs
     spans = sorted((when(j["Start"]), when(j["End"])) for j in jobs)
