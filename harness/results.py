@@ -81,7 +81,7 @@ COLUMNS = SCHEMA.names
 # way, every committed row keeps its run_key. Changing anything else here moves keys: bump KEY_VERSION and migrate
 # the committed rows (python -m harness.migrate_keys results).
 KEY_VERSION = 2
-NOT_IN_KEY = {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run", "logger",
+NOT_IN_KEY = {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run", "rerun", "logger",
               "data.dir", "data.cache_dir", "train.num_workers", "train.log_every_steps", "train.eval_batch_size",
               "variant.label", "task.label"}  # labels: display names for tables (renaming one changes no number)
 ADDED_KEYS = {"train.head_lr": None, "train.group_by_length": False, "train.selection": "eval_best",

@@ -110,7 +110,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cfg = warm_start.resolve(cfg)  # init_from=task=<name> -> the source's run_key, part of this run's key
     key = results.run_key(cfg)
     existing = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, key))
-    if results.is_done(existing):
+    if results.is_done(existing) and not cfg.get("rerun"):
         log.info("skip %s: run %s already has an ok row", describe(cfg), key)
         warn_if_measured_elsewhere(existing, cfg.device)
         return existing

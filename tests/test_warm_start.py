@@ -5,6 +5,7 @@ Tiny random RoBERTa on the tiny data; MNLI trains with data.protocol=holdout (it
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -160,11 +161,45 @@ def test_a_sweep_over_mnli_and_rte_trains_mnli_first_and_rte_from_it(harness_cli
     listing = harness_cli(searchpath, "dry_run=true", sweep="warm")
     assert listing.stdout.count("\tok\t") == 2  # resumable: both keys are the same on the next sitting
 
+    # a later sitting (a fresh clone: rows kept by git, adapters not) with RTE still to run: MNLI runs again first
+    mnli_key, rte_key = rows.loc["mnli", "run_key"], rows.loc["rte", "run_key"]
+    shutil.rmtree(results.artifacts_dir(harness_cli.results, "warm", mnli_key))
+    results.row_path(harness_cli.results, "warm", rte_key).unlink()
+    listing = harness_cli(searchpath, "dry_run=true", sweep="warm")
+    assert f"no_adapter\t{mnli_key}" in listing.stdout and f"todo\t{rte_key}" in listing.stdout
+    again = harness_cli(searchpath, sweep="warm")
+    assert again.returncode == 0, again.stderr
+    rows = results.read_rows(harness_cli.results / "warm").set_index("task")
+    assert rows.loc["mnli", "status"] == rows.loc["rte", "status"] == "ok"
+    assert rows.loc["rte", "init_from"] == mnli_key and warm_start.adapter_file(harness_cli.results, "warm", mnli_key)
+
+
+def test_an_ok_source_without_its_adapter_runs_again_only_while_a_job_needs_it():
+    def states(rte_status: str, mnli_adapter: bool):
+        return [sweep.JobState(["task=mnli"], "k_mnli", "ok", has_adapter=mnli_adapter),
+                sweep.JobState(["task=rte"], "k_rte", rte_status, source="k_mnli", has_adapter=True)]
+
+    mnli, _ = sweep.rerun_sources_without_adapter(states("todo", mnli_adapter=False))
+    assert (mnli.status, mnli.done, mnli.overrides) == ("no_adapter", False, ["task=mnli", "rerun=true"])
+    for rte_status, mnli_adapter in (("ok", False), ("todo", True)):
+        mnli, _ = sweep.rerun_sources_without_adapter(states(rte_status, mnli_adapter))
+        assert (mnli.status, mnli.overrides) == ("ok", ["task=mnli"])
+
+
+def test_rerun_true_runs_again_over_an_ok_row_and_keeps_its_key(make_cfg):
+    first = run_module.run(make_cfg("task=rte"))
+    assert run_module.run(make_cfg("task=rte"))["wall_seconds"] == first["wall_seconds"]  # skipped: the same row
+    again = run_module.run(make_cfg("task=rte", "rerun=true"))
+    assert again["run_key"] == first["run_key"] and again["status"] == "ok"
+    assert again["wall_seconds"] != first["wall_seconds"]
+
 
 @pytest.mark.slow
-def test_a_sweep_whose_source_fails_fails_the_dependent_run_naming_the_source(harness_cli, tmp_path):
-    done = harness_cli(write_sweep(tmp_path, mnli_extra=", train.lr=-1"), sweep="warm")
+def test_a_sweep_whose_source_fails_records_its_users_error_naming_the_source(harness_cli, tmp_path):
+    diverges = ", train.lr=1e12, train.max_grad_norm=null, train.schedule=constant, train.warmup_ratio=0"
+    done = harness_cli(write_sweep(tmp_path, mnli_extra=diverges), sweep="warm")
     assert done.returncode != 0
     rows = results.read_rows(harness_cli.results / "warm").set_index("task")
-    assert rows.loc["mnli", "status"] == "failed" and rows.loc["rte", "status"] == "failed"
-    assert rows.loc["mnli", "run_key"] in rows.loc["rte", "error"] and "ended failed" in rows.loc["rte", "error"]
+    assert rows.loc["mnli", "status"] == "diverged" and "rte" not in rows.index  # no run: an error before training
+    errors = "\n".join(p.read_text() for p in (harness_cli.results / "warm").glob("logs/*/*/error.txt"))
+    assert f"SourceUnavailable: init_from={rows.loc['mnli', 'run_key']}" in errors and "ended diverged" in errors

@@ -21,7 +21,8 @@ from harness.sweep.lifecycle import (end_interrupted_job, in_sweep_process, inte
                                      stop_between_runs, stops_held, sweep_guard, sweep_stopping)
 from harness.sweep.resources import configure_resources
 from harness.sweep.state import (JobState, claim_run, dependency_waves, format_listing, job_state, job_states,
-                                 lock_holder, lock_path, other_rows, todo_jobs)
+                                 lock_holder, lock_path, other_rows,
+                                 rerun_sources_without_adapter, todo_jobs)
 from harness.sweep.summary import (SweepSummary, format_summary, job_errors, job_failure, log_summary,
                                    record_job_error, sitting_rows, sitting_start)
 
@@ -29,6 +30,6 @@ __all__ = [
     "JobState", "SweepSummary", "claim_run", "configure_resources", "dependency_waves", "end_interrupted_job",
     "expand_jobs", "format_listing", "format_summary", "in_sweep_process", "interruptible", "job_errors",
     "job_failure", "job_state", "job_states", "lock_holder", "lock_path", "log_summary", "other_rows",
-    "override_key", "record_job_error", "run_guard", "sitting_rows", "sitting_start", "slurm", "stop_between_runs",
+    "override_key", "record_job_error", "rerun_sources_without_adapter", "run_guard", "sitting_rows", "sitting_start", "slurm", "stop_between_runs",
     "stops_held", "sweep_guard", "sweep_stopping", "todo_jobs", "uses_rank",
 ]

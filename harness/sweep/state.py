@@ -36,6 +36,7 @@ class JobState:
     status: str  # a row's status (ok, failed, ...) or "todo" when the run has no row yet
     device: str | None = None  # where the row was measured (its speed and memory belong to that device)
     source: str | None = None  # run_key of the run this one starts from (init_from), if any
+    has_adapter: bool = False  # its adapter file exists (what a run that starts from this one loads)
 
     @property
     def done(self) -> bool:
@@ -49,7 +50,10 @@ def job_state(cfg: DictConfig, overrides: list[str]) -> JobState:
     if row is None:
         return JobState(list(overrides), key, "todo")
     status = "nan" if row["status"] == "ok" and not results.is_done(row) else row["status"]  # ok, with a NaN score
-    return JobState(list(overrides), key, status, row.get("device"))
+    from harness import warm_start  # torch: not for the sweeper's own startup
+
+    has_adapter = warm_start.adapter_file(cfg.results_dir, cfg.sweep_name, key) is not None
+    return JobState(list(overrides), key, status, row.get("device"), has_adapter=has_adapter)
 
 
 def job_states(jobs: Sequence[list[str]], compose: Callable[[list[str]], DictConfig]) -> list[JobState]:
@@ -68,6 +72,20 @@ def job_states(jobs: Sequence[list[str]], compose: Callable[[list[str]], DictCon
         state = job_state(cfg, job)
         state.source = source
         states.append(state)
+    return rerun_sources_without_adapter(states)
+
+
+def rerun_sources_without_adapter(states: list[JobState]) -> list[JobState]:
+    """A job's `ok` source whose adapter file is gone (git keeps rows, not adapters; or it ran with
+    save_adapter=false) cannot be started from: while a job that needs it is still to run, the source becomes a job
+    again (status `no_adapter`, with `rerun=true`, so it runs despite its ok row and replaces that row)."""
+    needed = {s.source for s in states if s.source is not None and not s.done}
+    for state in states:
+        if state.done and state.run_key in needed and not state.has_adapter:
+            log.info("run %s has an ok row but no adapter file, and a job starts from it: it runs again first",
+                     state.run_key)
+            state.status = "no_adapter"
+            state.overrides = [o for o in state.overrides if override_key(o) != "rerun"] + ["rerun=true"]
     return states
 
 
