@@ -92,7 +92,7 @@ EOF
   step "results"
   $PY - "$out/gpu_check" <<'EOF'
 import json, sys
-from harness.results import read_rows
+from harness.rows import read_rows
 rows = read_rows(sys.argv[1]).sort_values(["variant", "precision"])
 print(f"{'variant':<7} {'prec':<5} {'status':<7} {'step ms':>8} {'train samples/s':>15} {'peak alloc MiB':>14} "
       f"{'reserved MiB':>12} {'train pad':>9} {'backend'}")

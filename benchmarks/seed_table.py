@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import mannwhitneyu, ttest_ind
 
-from harness import results
+from harness import rows
 
 FOLDER = Path(__file__).resolve().parent.parent / "results" / "sst2_vs_peft"
 
@@ -33,21 +33,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=seed_range, help="first-last, e.g. 16-31 (default: every seed both have)")
     args = parser.parse_args()
 
-    rows = results.read_rows(FOLDER).query("impl == 'ours' and status == 'ok'").set_index("seed").sort_index()
+    ours_rows = rows.read_rows(FOLDER).query("impl == 'ours' and status == 'ok'").set_index("seed").sort_index()
     peft = {line["seed"]: line for line in map(json.loads, (FOLDER / "peft_baseline.jsonl").read_text().splitlines())}
-    seeds = [s for s in (args.seeds or rows.index) if s in rows.index and s in peft]
-    ours = [round(rows.loc[s, "score_last"], 4) for s in seeds]
+    seeds = [s for s in (args.seeds or ours_rows.index) if s in ours_rows.index and s in peft]
+    ours = [round(ours_rows.loc[s, "score_last"], 4) for s in seeds]
     theirs = [peft[s]["accuracy"] for s in seeds]
-    ours_speed = [rows.loc[s, "train_samples_per_s"] for s in seeds]
+    ours_speed = [ours_rows.loc[s, "train_samples_per_s"] for s in seeds]
     theirs_speed = [peft[s]["train_samples_per_s"] for s in seeds]
 
     print("| seed | harness accuracy | peft accuracy | harness train samples/s | peft train samples/s "
           "| harness saved activations (first batch) |")
     print("|---|---:|---:|---:|---:|---:|")
     for s, a, b, speed_a, speed_b in zip(seeds, ours, theirs, ours_speed, theirs_speed):
-        shape = rows.loc[s, "activation_batch_shape"].replace("x", "×")
+        shape = ours_rows.loc[s, "activation_batch_shape"].replace("x", "×")
         print(f"| {s} | {a:.4f} | {b:.4f} | {speed_a:.2f} | {speed_b:.2f} "
-              f"| {int(rows.loc[s, 'saved_activation_bytes']):,} B ({shape}) |")
+              f"| {int(ours_rows.loc[s, 'saved_activation_bytes']):,} B ({shape}) |")
     print(f"| median | {np.median(ours):.4f} | {np.median(theirs):.4f} | {np.median(ours_speed):.2f} "
           f"| {np.median(theirs_speed):.2f} | |")
     print(f"| mean ± sd | {np.mean(ours):.4f} ± {np.std(ours, ddof=1):.4f} "

@@ -23,7 +23,7 @@ from scipy import stats
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.results import read_rows  # noqa: E402
+from harness.rows import read_rows  # noqa: E402
 
 SST2 = {"task": "sst2", "variant": "lora", "max_steps": 300}
 CPU_GLUE = {"max_steps": None}

@@ -8,7 +8,7 @@ __all__ = ["load_rows"]
 
 def __getattr__(name: str):
     if name == "load_rows":
-        from harness.results import load_rows
+        from harness.rows import load_rows
 
         return load_rows
     raise AttributeError(f"module 'harness' has no attribute {name!r}")

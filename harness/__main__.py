@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness import results, sweep, warm_start
+from harness import rows, run_keys, sweep, warm_start
 from harness.errors import ConfigError, HarnessError, Interrupted, RunBusy, RunFailed, SweepStopping
 from harness.run import run
 from harness.sweep import lifecycle
@@ -109,8 +109,8 @@ def run_job(cfg: DictConfig) -> float:
     lifecycle.stop_between_runs()
     if lifecycle.sweep_stopping():
         raise SweepStopping("not started: this worker was told to stop (SIGTERM/SIGINT)")
-    key = results.run_key(cfg)
-    results.check_writable(cfg.results_dir, cfg.sweep_name)
+    key = run_keys.run_key(cfg)
+    rows.check_writable(cfg.results_dir, cfg.sweep_name)
     try:
         with sweep.claim_run(cfg, key), lifecycle.run_guard():
             row = run(cfg)
@@ -124,13 +124,13 @@ def run_job(cfg: DictConfig) -> float:
 
 def renamed_override_errors(argv: list[str]) -> list[str]:
     """One message per command-line override of a retired key (`adapter.impl=peft`), naming the key that holds it
-    now (results.RETIRED_KEYS). Hydra alone would answer that the key is "not in struct" and suggest `+`, which
+    now (run_keys.RETIRED_KEYS). Hydra alone would answer that the key is "not in struct" and suggest `+`, which
     would add a key nothing reads."""
     messages = []
     for arg in argv:
         key, sep, value = arg.lstrip("+~").partition("=")
-        if sep and key in results.RETIRED_KEYS:
-            current = results.RETIRED_KEYS[key]
+        if sep and key in run_keys.RETIRED_KEYS:
+            current = run_keys.RETIRED_KEYS[key]
             messages.append(f"{arg}: {key} is now {current} (one name for the one switch); use {current}={value}")
     return messages
 

@@ -1,6 +1,6 @@
 """`python -m harness.migrate_keys results`: give rows written under an older run_key scheme today's key.
 
-Key version 2 (harness/results.py) added the data fingerprint to the run_key and generalised the list of keys
+Key version 2 (harness/run_keys.py) added the data fingerprint to the run_key and generalised the list of keys
 added at their old value. Each row's key is recomputed from its own resolved config (config_json) and the data
 files it names (data.dir, relative to where this runs: the repository root for the committed rows); the row file
 and its artifacts folder are renamed, and the row gains its data_fingerprint. A row is changed only when its
@@ -18,7 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from harness import results
+from harness import rows, run_keys
+from harness.atomic import atomic_write_parquet
 
 
 def v1_run_key(config: dict[str, Any]) -> str:
@@ -38,25 +39,25 @@ def v1_run_key(config: dict[str, Any]) -> str:
 
 def migrate_row(path: Path) -> str:
     """Bring one row file to today's key; returns what happened (for the log)."""
-    table = results.read_table(path, set_aside=False)
+    table = rows.read_table(path, set_aside=False)
     if table is None:
         return f"unreadable, left alone: {path}"
     row = table.to_pylist()[0]
     config = json.loads(row["config_json"])
-    fingerprint = results.data_fingerprint(config)
-    key = results.run_key(config, fingerprint)
+    fingerprint = run_keys.data_fingerprint(config)
+    key = run_keys.run_key(config, fingerprint)
     if row["run_key"] == key and row["data_fingerprint"] == fingerprint:
         return f"current: {path}"
     if v1_run_key(config) != row["run_key"] or path.stem != row["run_key"]:
         return f"its config does not give its key under the old scheme, left alone: {path}"
-    if fingerprint is not None and not all(f.exists() for f in results.split_files(config).values()):
+    if fingerprint is not None and not all(f.exists() for f in run_keys.split_files(config).values()):
         return f"data files missing under data.dir={config['data']['dir']!r}, left alone: {path}"
     old_artifacts, new_artifacts = path.with_suffix(""), path.with_name(key)
     if old_artifacts.is_dir() and not new_artifacts.exists():
         old_artifacts.rename(new_artifacts)
     row.update(run_key=key, data_fingerprint=fingerprint)
-    results.atomic_write_parquet(pa.Table.from_pylist([row], schema=results.SCHEMA).to_pandas(),
-                                 path.with_name(f"{key}.parquet"), results.SCHEMA)
+    atomic_write_parquet(pa.Table.from_pylist([row], schema=rows.SCHEMA).to_pandas(),
+                         path.with_name(f"{key}.parquet"), rows.SCHEMA)
     path.unlink()
     return f"{row['sweep']}: {path.stem} -> {key}"
 

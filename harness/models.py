@@ -25,7 +25,7 @@ from transformers import (
 from harness import quiet
 from harness.errors import ConfigError, HubUnavailable, require
 from harness.hub import from_hub
-from harness.results import publish_folder
+from harness.atomic import publish_folder
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,9 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from harness import metrics, results, trackers, warm_start
+from harness import metrics, rows, run_keys, trackers, warm_start
 from harness.assemble import Assembled, Splits, assemble, base_weight_bytes, parameter_counts, read_splits
+from harness.atomic import atomic_write_parquet
 from harness.checkpoint import save_adapter
 from harness.errors import ConfigError, Diverged, HarnessError, NoScore, require
 from harness.sweep import lifecycle
@@ -57,7 +58,7 @@ def config_columns(cfg: DictConfig, key: str) -> dict[str, Any]:
         "grad_accum": cfg.train.grad_accum, "max_steps": cfg.train.max_steps, "max_seq_len": cfg.task.max_seq_len,
         "precision": cfg.train.precision, "init_from": cfg.get("init_from"),
         "config_json": json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str),
-        "versions_json": json.dumps(results.library_versions()),
+        "versions_json": json.dumps(rows.library_versions()),
     }
 
 
@@ -108,16 +109,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one configuration and return its results row (as a dict)."""
     started = run_start_time()
     cfg = warm_start.resolve(cfg)  # init_from=task=<name> -> the source's run_key, part of this run's key
-    key = results.run_key(cfg)
-    existing = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, key))
-    if results.is_done(existing) and not cfg.get("rerun"):
+    key = run_keys.run_key(cfg)
+    existing = rows.read_row(rows.row_path(cfg.results_dir, cfg.sweep_name, key))
+    if rows.is_done(existing) and not cfg.get("rerun"):
         log.info("skip %s: run %s already has an ok row", describe(cfg), key)
         warn_if_measured_elsewhere(existing, cfg.device)
         return existing
     trackers.check_installed(cfg)  # a missing tracker package stops the run here, before it has a row
-    results.check_writable(cfg.results_dir, cfg.sweep_name)
+    rows.check_writable(cfg.results_dir, cfg.sweep_name)
     row = identity_columns(cfg, key)
-    attempt = Attempt(started, results.artifacts_dir(cfg.results_dir, cfg.sweep_name, key))
+    attempt = Attempt(started, rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, key))
     shutil.rmtree(attempt.artifacts, ignore_errors=True)  # an earlier failed attempt's history must not pass for this one's
     log.info("run %s: %s", key, describe(cfg))
     try:
@@ -164,8 +165,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def identity_columns(cfg: DictConfig, key: str) -> dict[str, Any]:
     """The row's columns known before anything runs: the config, the data fingerprint, the code, the start."""
     row = config_columns(cfg, key)
-    row["data_fingerprint"] = results.data_fingerprint(cfg)
-    row["git_sha"], row["git_dirty"] = results.git_state()
+    row["data_fingerprint"] = run_keys.data_fingerprint(cfg)
+    row["git_sha"], row["git_dirty"] = rows.git_state()
     row["started_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return row
 
@@ -285,13 +286,13 @@ def finish(cfg: DictConfig, row: dict[str, Any], attempt: Attempt) -> None:
     artifacts.mkdir(parents=True, exist_ok=True)
     (artifacts / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if outcome.history:
-        results.atomic_write_parquet(pd.DataFrame(outcome.history), artifacts / "history.parquet")
+        atomic_write_parquet(pd.DataFrame(outcome.history), artifacts / "history.parquet")
     if outcome.predictions:
         frames = [df.assign(checkpoint=name) for name, df in outcome.predictions.items()
                   if name != "selected" or outcome.selection == "heldout"]  # eval_best's is "best", last's "last"
-        results.atomic_write_parquet(pd.concat(frames, ignore_index=True), artifacts / "predictions.parquet")
+        atomic_write_parquet(pd.concat(frames, ignore_index=True), artifacts / "predictions.parquet")
     row["wall_seconds"] = time.time() - attempt.started  # up to the row's writing, the history's included
-    path = results.write_row(cfg.results_dir, cfg.sweep_name, row)
+    path = rows.write_row(cfg.results_dir, cfg.sweep_name, row)
     attempt.tracker.close(row)
     score = row.get("score_best")
     log.info("run %s %s: %s=%s -> %s", row["run_key"], row["status"], row.get("primary_metric"),
@@ -305,9 +306,9 @@ def score_columns(outcome: TrainOutcome) -> dict[str, Any]:
         return {}
     metric_values = {k: v for k, v in outcome.best.items()
                      if k not in ("step", "epoch", "train_loss", "score", "selection_score")}
-    unknown = set(metric_values) - set(results.METRIC_NAMES)
+    unknown = set(metric_values) - set(rows.METRIC_NAMES)
     if unknown:
-        raise KeyError(f"task metrics {sorted(unknown)} have no results column; add them to results.METRIC_NAMES")
+        raise KeyError(f"task metrics {sorted(unknown)} have no results column; add them to rows.METRIC_NAMES")
     return {**{f"metric_{k}": v for k, v in metric_values.items()},
             "score_best": outcome.best["score"], "best_epoch": outcome.best["epoch"], "best_step": outcome.best["step"],
             "score_last": outcome.last["score"],

@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness import results
+from harness import rows
 from harness.errors import ConfigError, MissingExtra
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ class Trackers:
         if not names:
             return cls()
         run = RunIdentity(key=key, sweep=cfg.sweep_name, sweep_dir=Path(cfg.results_dir) / cfg.sweep_name,
-                          artifacts=results.artifacts_dir(cfg.results_dir, cfg.sweep_name, key),
+                          artifacts=rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, key),
                           config=OmegaConf.to_container(cfg, resolve=True), title=title)
         opened = cls()
         try:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 
-from harness import results
+from harness import rows, run_keys
 from harness.adapters.base import is_under
 from harness.errors import ConfigError, SourceUnavailable
 
@@ -75,13 +75,13 @@ def resolve(cfg: DictConfig) -> DictConfig:
     if task == cfg.task.name:
         raise ConfigError(f"init_from=task={task}: a run cannot start from its own task; name another task")
     wanted = identity(cfg)
-    rows = results.read_rows(Path(cfg.results_dir) / cfg.sweep_name)
-    keys = [] if rows.empty else rows[
-        (rows.status == "ok") & (rows.task == task) & (rows.variant == wanted["variant"]) & (rows.seed == wanted["seed"])
-        & (rows.model == wanted["model"])
-        & (rows["rank"].isna() if wanted["rank"] is None else rows["rank"] == wanted["rank"])
-        & (rows["init_from"].isna() if "init_from" in rows else True)].run_key.tolist()
-    where = results.runs_dir(cfg.results_dir, cfg.sweep_name)
+    found = rows.read_rows(Path(cfg.results_dir) / cfg.sweep_name)
+    keys = [] if found.empty else found[
+        (found.status == "ok") & (found.task == task) & (found.variant == wanted["variant"])
+        & (found.seed == wanted["seed"]) & (found.model == wanted["model"])
+        & (found["rank"].isna() if wanted["rank"] is None else found["rank"] == wanted["rank"])
+        & (found["init_from"].isna() if "init_from" in found else True)].run_key.tolist()
+    where = rows.runs_dir(cfg.results_dir, cfg.sweep_name)
     if not keys:
         raise ConfigError(f"init_from=task={task}: no ok row of its source ({describe_source(task, cfg)}) in {where}. "
                           f"Run that first with the same sweep_name, run both in one sweep (task={task},"
@@ -109,15 +109,15 @@ def resolve_among_jobs(configs: list[DictConfig]) -> list[DictConfig]:
         if len(matches) > 1:
             raise ConfigError(f"init_from=task={task}: {len(matches)} jobs of this sweep match "
                               f"{describe_source(task, cfg)}; make the grid name one, or give init_from=<run_key>")
-        resolved.append(with_source(cfg, results.run_key(matches[0])) if matches else resolve(cfg))
+        resolved.append(with_source(cfg, run_keys.run_key(matches[0])) if matches else resolve(cfg))
     return resolved
 
 
 def source_checkpoint(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     """(adapter file, row) of the run `cfg.init_from` names: its selected checkpoint, which must exist and be ok."""
     key = cfg.init_from
-    row = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, key))
-    where = results.runs_dir(cfg.results_dir, cfg.sweep_name)
+    row = rows.read_row(rows.row_path(cfg.results_dir, cfg.sweep_name, key))
+    where = rows.runs_dir(cfg.results_dir, cfg.sweep_name)
     if row is None:
         raise SourceUnavailable(f"init_from={key}: the source run has no row in {where}; run it first (a sweep that "
                                 "holds both runs it first)")
@@ -129,7 +129,7 @@ def source_checkpoint(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
                           f"variant={cfg.variant.name} r={cfg.variant.get('r')}; a warm start needs the same adapter")
     path = adapter_file(cfg.results_dir, cfg.sweep_name, key)
     if path is None:
-        last = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, key) / "adapter.safetensors"
+        last = rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, key) / "adapter.safetensors"
         raise SourceUnavailable(f"init_from={key}: the source run (task={row['task']}) has no adapter file ({last} is "
                                 "missing: run without save_adapter, or its artifacts were not kept, as git does not "
                                 "keep them); rerun it first with `rerun=true save_adapter=true` and its own overrides "
@@ -140,7 +140,7 @@ def source_checkpoint(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
 def adapter_file(results_dir: str | Path, sweep_name: str, key: str) -> Path | None:
     """The adapter file a warm start from run `key` loads: its selected checkpoint (adapter_best.safetensors) when
     that is not its last state, else adapter.safetensors; None when neither exists."""
-    artifacts = results.artifacts_dir(results_dir, sweep_name, key)
+    artifacts = rows.artifacts_dir(results_dir, sweep_name, key)
     return next((p for p in (artifacts / "adapter_best.safetensors", artifacts / "adapter.safetensors")
                  if p.exists()), None)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness import results
+from harness import rows
 from harness.assemble import assemble
 from harness.checkpoint import load_adapter
 from harness.run import run
@@ -35,7 +35,7 @@ def reload_and_predict(cfg, adapter_path: Path) -> np.ndarray:
 def test_saved_adapter_reloads_into_a_fresh_model_with_identical_predictions(make_cfg):
     cfg = make_cfg("train.max_steps=3")
     row = run(cfg)
-    artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"])
+    artifacts = rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"])
     saved = pd.read_parquet(artifacts / "predictions.parquet").query("checkpoint == 'last'")
     np.testing.assert_array_equal(reload_and_predict(cfg, artifacts / "adapter.safetensors"), saved["prediction"])
     assert not (artifacts / "adapter_best.safetensors").exists(), "one evaluation: best is last"
@@ -46,7 +46,7 @@ def test_the_best_evaluation_is_saved_too_and_reproduces_its_predictions(make_cf
     cfg = make_cfg("train.max_steps=12", "train.eval_every_steps=2", "train.lr=5e-3", "variant=full", "seed=1")
     row = run(cfg)
     assert row["best_step"] != row["steps"], "this config must give a best evaluation before the last one"
-    artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"])
+    artifacts = rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"])
     saved = pd.read_parquet(artifacts / "predictions.parquet")
     best, last = (saved.query(f"checkpoint == '{c}'")["prediction"].to_numpy() for c in ("best", "last"))
     assert (best != last).any(), "the two checkpoints must predict differently, or this test could not fail"

@@ -17,7 +17,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness import results, sweep
+from harness import rows, run_keys, sweep
+from harness.atomic import atomic_write_parquet
 from harness.errors import ConfigError, DataError, Diverged
 from harness.run import run
 from harness.train import TrainOutcome
@@ -48,17 +49,17 @@ def test_a_run_that_diverges_on_its_last_step_is_recorded_diverged_not_ok(make_c
     row = run(cfg)
     assert row["status"] == "diverged", row
     assert "NaN or inf" in row["error"]
-    written = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, row["run_key"]))
-    assert written["status"] == "diverged" and not results.is_done(written)
+    written = rows.read_row(rows.row_path(cfg.results_dir, cfg.sweep_name, row["run_key"]))
+    assert written["status"] == "diverged" and not rows.is_done(written)
 
 
 def test_the_row_writer_refuses_an_ok_row_holding_a_non_finite_score():
     base = {"run_key": "k" * 16, "status": "ok", "score_best": 0.5, "score_last": 0.5}
-    results.make_row(base)
+    rows.make_row(base)
     for bad in ({"score_best": math.nan}, {"metric_pearson": math.inf}, {"last_metrics_json": '{"score": NaN}'}):
         with pytest.raises(ValueError, match="ok row cannot hold non-finite"):
-            results.make_row({**base, **bad})
-    results.make_row({**base, "status": "diverged", "score_best": math.nan})  # a diverged row may say so
+            rows.make_row({**base, **bad})
+    rows.make_row({**base, "status": "diverged", "score_best": math.nan})  # a diverged row may say so
 
 
 def test_non_finite_evaluation_outputs_mean_diverged_even_with_finite_parameters():
@@ -92,9 +93,9 @@ def test_an_undefined_score_with_finite_outputs_is_not_ok():
 
 def test_an_ok_row_with_a_nan_score_from_older_code_is_run_again(make_cfg):
     cfg = make_cfg()
-    key = results.run_key(cfg)
-    old = results.make_row({"run_key": key, "status": "failed"}).assign(status="ok", score_best=math.nan)
-    results.atomic_write_parquet(old, results.row_path(cfg.results_dir, cfg.sweep_name, key), results.SCHEMA)
+    key = run_keys.run_key(cfg)
+    old = rows.make_row({"run_key": key, "status": "failed"}).assign(status="ok", score_best=math.nan)
+    atomic_write_parquet(old, rows.row_path(cfg.results_dir, cfg.sweep_name, key), rows.SCHEMA)
     assert sweep.job_state(cfg, []).status == "nan"
     row = run(cfg)
     assert row["status"] == "ok" and math.isfinite(row["score_best"])
@@ -113,23 +114,23 @@ def test_out_of_range_evaluation_labels_are_an_error_naming_file_column_and_valu
     cfg = make_cfg(data_dir=data)
     with pytest.raises(DataError, match=r"validation.*rte/validation.parquet.*column 'label'.*\[7\]"):
         run(cfg)
-    assert list(results.runs_dir(cfg.results_dir, cfg.sweep_name).glob("*.parquet")) == []
+    assert list(rows.runs_dir(cfg.results_dir, cfg.sweep_name).glob("*.parquet")) == []
 
 
 # ---- 3. the data is part of the run's identity -----------------------------------------------------------
 def test_changed_data_under_the_same_config_is_another_run(make_cfg, tiny_data_dir, tmp_path):
     data = copy_of_data(tiny_data_dir, tmp_path)
     before = make_cfg(data_dir=data)
-    key = results.run_key(before)
+    key = run_keys.run_key(before)
     edit_split(data, "rte", "validation", lambda f: f.assign(label=1 - f.label))
-    assert results.run_key(make_cfg(data_dir=data)) != key
-    assert results.run_key(make_cfg(data_dir=tiny_data_dir)) == key  # where the data lives does not matter
+    assert run_keys.run_key(make_cfg(data_dir=data)) != key
+    assert run_keys.run_key(make_cfg(data_dir=tiny_data_dir)) == key  # where the data lives does not matter
 
 
 def test_the_row_records_the_data_fingerprint(make_cfg):
     cfg = make_cfg()
     row = run(cfg)
-    assert row["status"] == "ok" and row["data_fingerprint"] == results.data_fingerprint(cfg)
+    assert row["status"] == "ok" and row["data_fingerprint"] == run_keys.data_fingerprint(cfg)
     assert len(row["data_fingerprint"]) == 16
 
 
@@ -137,15 +138,15 @@ def test_migration_gives_old_rows_todays_keys_once(make_cfg):
     from harness.migrate_keys import main as migrate, v1_run_key
     cfg = make_cfg()
     row = run(cfg)
-    runs = results.runs_dir(cfg.results_dir, cfg.sweep_name)
+    runs = rows.runs_dir(cfg.results_dir, cfg.sweep_name)
     config = json.loads(row["config_json"])
     old_key = v1_run_key(config)
     (runs / row["run_key"]).rename(runs / old_key)  # what the key version 1 wrote
-    old = results.make_row({**row, "run_key": old_key, "data_fingerprint": None})
-    results.atomic_write_parquet(old, runs / f"{old_key}.parquet", results.SCHEMA)
+    old = rows.make_row({**row, "run_key": old_key, "data_fingerprint": None})
+    atomic_write_parquet(old, runs / f"{old_key}.parquet", rows.SCHEMA)
     (runs / f"{row['run_key']}.parquet").unlink()
     migrate([str(cfg.results_dir)])
-    migrated = results.read_row(runs / f"{row['run_key']}.parquet")
+    migrated = rows.read_row(runs / f"{row['run_key']}.parquet")
     assert migrated["run_key"] == row["run_key"] and migrated["data_fingerprint"] == row["data_fingerprint"]
     assert (runs / row["run_key"] / "history.parquet").exists() and not (runs / f"{old_key}.parquet").exists()
     files = sorted(p.name for p in runs.rglob("*"))
@@ -156,12 +157,12 @@ def test_migration_gives_old_rows_todays_keys_once(make_cfg):
 # ---- 4. corrupt row files --------------------------------------------------------------------------------
 def test_a_corrupt_row_file_is_set_aside_and_its_run_counts_as_not_done(make_cfg, caplog):
     cfg = make_cfg()
-    key = results.run_key(cfg)
-    good = results.write_row(cfg.results_dir, cfg.sweep_name, {"run_key": "0" * 16, "status": "failed"})
-    path = results.row_path(cfg.results_dir, cfg.sweep_name, key)
+    key = run_keys.run_key(cfg)
+    good = rows.write_row(cfg.results_dir, cfg.sweep_name, {"run_key": "0" * 16, "status": "failed"})
+    path = rows.row_path(cfg.results_dir, cfg.sweep_name, key)
     path.write_bytes(good.read_bytes()[:100])  # a truncated copy
     with caplog.at_level(logging.WARNING):
-        assert len(results.read_rows(cfg.results_dir)) == 1  # the report reads on, and leaves the file alone
+        assert len(rows.read_rows(cfg.results_dir)) == 1  # the report reads on, and leaves the file alone
         assert str(path) in caplog.text and path.exists()
         state = sweep.job_state(cfg, [])
     assert state.status == "todo"
@@ -245,10 +246,10 @@ def test_configs_from_before_variant_impl_was_the_one_name_keep_their_run_keys()
         today = compose_with(["variant=lora", f"variant.impl={impl}"])
         older = OmegaConf.to_container(today, resolve=True)
         older["adapter"] = {"impl": impl}
-        assert results.run_key(today) == results.run_key(older)
+        assert run_keys.run_key(today) == run_keys.run_key(older)
     mixed = OmegaConf.to_container(compose_with(["variant=lora", "variant.impl=peft"]), resolve=True)
     mixed["adapter"] = {"impl": "ours"}  # variant.impl set directly, as an older config could: its own key
-    assert results.run_key(mixed) != results.run_key(compose_with(["variant=lora", "variant.impl=peft"]))
+    assert run_keys.run_key(mixed) != run_keys.run_key(compose_with(["variant=lora", "variant.impl=peft"]))
 
 
 # ---- 9. errors before the run ----------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ def test_the_default_command_offline_is_one_line_and_leaves_no_row(tmp_path):
 def test_a_second_run_of_a_key_in_progress_is_one_line(tmp_path, tiny_data_dir):
     overrides = ["model=tiny_roberta", f"data.dir={tiny_data_dir}", f"results_dir={tmp_path}", "train.max_steps=2"]
     cfg = compose_with(overrides)
-    lock = sweep.lock_path(cfg, results.run_key(cfg))
+    lock = sweep.lock_path(cfg, run_keys.run_key(cfg))
     lock.parent.mkdir(parents=True)
     with open(lock, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -290,8 +291,8 @@ def test_pre_run_errors_write_no_row_and_failures_during_training_do(make_cfg):
     cfg = make_cfg("variant.r=0")
     with pytest.raises(ConfigError, match="variant.r=0"):
         run(cfg)
-    assert not results.runs_dir(cfg.results_dir, cfg.sweep_name).exists() or \
-        list(results.runs_dir(cfg.results_dir, cfg.sweep_name).glob("*.parquet")) == []
+    assert not rows.runs_dir(cfg.results_dir, cfg.sweep_name).exists() or \
+        list(rows.runs_dir(cfg.results_dir, cfg.sweep_name).glob("*.parquet")) == []
 
 
 def test_the_sweep_summary_lists_jobs_that_did_not_start(tmp_path):
@@ -301,7 +302,7 @@ def test_the_sweep_summary_lists_jobs_that_did_not_start(tmp_path):
     errors = sweep.job_errors(tmp_path)
     assert errors == [("task=rte variant.r=100000", "ConfigError: variant.r=100000 is too large"),
                       ("task=stsb", "DataError: split 'validation' is empty")]
-    text = sweep.format_summary("s", pd.DataFrame({c: [] for c in results.COLUMNS}), 5, errors)
+    text = sweep.format_summary("s", pd.DataFrame({c: [] for c in rows.COLUMNS}), 5, errors)
     assert "2 jobs did not start" in text and "task=stsb: DataError" in text
 
 
@@ -318,15 +319,15 @@ def test_a_batch_larger_than_the_training_set_is_recorded_as_it_ran(make_cfg):
 
 
 def test_a_summary_of_no_finished_runs_says_so():
-    text = sweep.format_summary("s", pd.DataFrame({c: [] for c in results.COLUMNS}), 3)
+    text = sweep.format_summary("s", pd.DataFrame({c: [] for c in rows.COLUMNS}), 3)
     assert text == "sweep s: no run finished in this sitting; 3 ok rows in the sweep"
 
 
 # ---- the report ----------------------------------------------------------------------------------------------
-def write_synthetic_rows(folder, rows) -> None:
+def write_synthetic_rows(folder, specs) -> None:
     """Rows as a run writes them (config_json composed from the YAMLs), scores given; written without make_row,
     so that an `ok` row with a NaN score, as older code wrote it, can be made."""
-    for i, values in enumerate(rows):
+    for i, values in enumerate(specs):
         model, variant = values["model"], values["variant"]
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=[f"model={model}", "task=rte", f"variant={variant}"])
@@ -334,9 +335,8 @@ def write_synthetic_rows(folder, rows) -> None:
                "impl": "ours", "seed": 0, "primary_metric": "accuracy", "protocol": "standard",
                "trainable_params_no_head": 10, "config_json": json.dumps(OmegaConf.to_container(cfg, resolve=True)),
                **values}
-        frame = results.make_row({**row, "status": "failed"}).assign(status=row["status"])
-        results.atomic_write_parquet(frame, results.row_path(folder.parent, folder.name, row["run_key"]),
-                                     results.SCHEMA)
+        frame = rows.make_row({**row, "status": "failed"}).assign(status=row["status"])
+        atomic_write_parquet(frame, rows.row_path(folder.parent, folder.name, row["run_key"]), rows.SCHEMA)
 
 
 def test_a_report_holding_only_an_old_ok_row_with_a_nan_score_says_so_instead_of_crashing(tmp_path):

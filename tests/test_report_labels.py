@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from harness import results
+from harness import run_keys
 from harness.adapters import VARIANTS
 from harness.report import labels
 
@@ -56,6 +56,6 @@ def test_labels_are_display_only_committed_rows_keep_their_run_keys():
         # rows made before labels existed have none; later ones have their YAML's: either way the key is the same
         config["variant"]["label"] = labels.variant_label(config["variant"]["name"])
         config["task"]["label"] = labels.task_label(config["task"]["name"])
-        assert results.run_key(OmegaConf.create(config)) == key, (config["variant"]["name"], config["task"]["name"])
+        assert run_keys.run_key(OmegaConf.create(config)) == key, (config["variant"]["name"], config["task"]["name"])
         config["variant"]["label"] = "renamed"
-        assert results.run_key(OmegaConf.create(config)) == key
+        assert run_keys.run_key(OmegaConf.create(config)) == key

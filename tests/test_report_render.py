@@ -15,7 +15,7 @@ SETTINGS, TASKS, SEEDS = 4, ("rte", "stsb"), 2
 
 
 def raw_rows(folder: Path) -> pd.DataFrame:
-    """The rows read straight from the Parquet files, independently of harness.results and the report."""
+    """The rows read straight from the Parquet files, independently of harness.rows and the report."""
     return pd.DataFrame([pq.read_table(p).to_pylist()[0] for p in sorted((folder / "runs").glob("*.parquet"))])
 
 

@@ -12,7 +12,7 @@ import time
 import pandas as pd
 import pytest
 
-from harness import results
+from harness import rows, run_keys
 from harness.errors import ConfigError
 from harness.run import run
 
@@ -23,9 +23,9 @@ def test_run_writes_a_complete_row_with_history_and_predictions(make_cfg):
     cfg = make_cfg("train.max_steps=6", "train.eval_every_steps=3")
     row = run(cfg)
     assert row["status"] == "ok", row["error"]
-    path = results.row_path(cfg.results_dir, cfg.sweep_name, row["run_key"])
+    path = rows.row_path(cfg.results_dir, cfg.sweep_name, row["run_key"])
     stored = pd.read_parquet(path)
-    assert list(stored.columns) == results.COLUMNS and len(stored) == 1
+    assert list(stored.columns) == rows.COLUMNS and len(stored) == 1
     stored = stored.iloc[0]
     assert stored.steps == 6 and stored.trainable_params > stored.trainable_params_no_head > 0
     assert 0 <= stored.score_best <= 1 and stored.metric_accuracy == stored.score_best
@@ -34,7 +34,7 @@ def test_run_writes_a_complete_row_with_history_and_predictions(make_cfg):
     assert stored.saved_activation_bytes > 0 and 0 <= stored.optimizer_state_bytes - 2 * stored.grad_bytes < 4 * 64
     assert stored.grad_bytes == 4 * stored.trainable_params
     assert stored.protocol.startswith("standard") and stored.adapter_bytes > 0
-    artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"])
+    artifacts = rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"])
     history = pd.read_parquet(artifacts / "history.parquet")
     assert list(history.step) == [3, 6]
     predictions = pd.read_parquet(artifacts / "predictions.parquet")
@@ -43,7 +43,7 @@ def test_run_writes_a_complete_row_with_history_and_predictions(make_cfg):
 
 def test_a_retry_that_fails_early_leaves_no_history_of_the_earlier_attempt(make_cfg):
     cfg = make_cfg("train.precision=fp16")  # fails at its start on CPU, before any evaluation
-    artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, results.run_key(cfg))
+    artifacts = rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, run_keys.run_key(cfg))
     artifacts.mkdir(parents=True)
     pd.DataFrame({"step": [3], "score": [0.9]}).to_parquet(artifacts / "history.parquet")  # an earlier attempt's
     with pytest.raises(ConfigError, match="fp16"):  # an error before training: no row (docs/failures.md)
@@ -55,20 +55,20 @@ def test_same_config_is_skipped_and_changed_config_gets_a_new_key(make_cfg):
     first = run(make_cfg())
     again = run(make_cfg())
     assert again["run_key"] == first["run_key"] and again["finished_at"] == first["finished_at"]
-    assert results.run_key(make_cfg("seed=1")) != first["run_key"]
-    assert results.run_key(make_cfg("results_dir=/elsewhere", "device=cuda")) == first["run_key"]
+    assert run_keys.run_key(make_cfg("seed=1")) != first["run_key"]
+    assert run_keys.run_key(make_cfg("results_dir=/elsewhere", "device=cuda")) == first["run_key"]
 
 
 def test_a_skipped_row_from_another_device_is_kept_with_a_warning(make_cfg, caplog):
     cfg = make_cfg()
     first = run(cfg)
-    results.write_row(cfg.results_dir, cfg.sweep_name, {**first, "device": "cuda:NVIDIA A100-SXM4-80GB"})
+    rows.write_row(cfg.results_dir, cfg.sweep_name, {**first, "device": "cuda:NVIDIA A100-SXM4-80GB"})
     with caplog.at_level(logging.WARNING, logger="harness.run"):
         again = run(cfg)
     assert again["device"] == "cuda:NVIDIA A100-SXM4-80GB" and again["finished_at"] == first["finished_at"]
     assert "measured on cuda:NVIDIA A100-SXM4-80GB" in caplog.text and "sweep_name" in caplog.text
     caplog.clear()
-    results.write_row(cfg.results_dir, cfg.sweep_name, {**first, "device": "cpu:1 threads@elsewhere"})
+    rows.write_row(cfg.results_dir, cfg.sweep_name, {**first, "device": "cpu:1 threads@elsewhere"})
     with caplog.at_level(logging.WARNING, logger="harness.run"):
         run(cfg)
     assert "measured on" not in caplog.text  # another CPU host or thread count is the same kind of device
@@ -105,12 +105,12 @@ def test_a_config_error_is_raised_and_writes_no_row(make_cfg):
     cfg = make_cfg("variant.r=0")
     with pytest.raises(ConfigError, match="variant.r=0"):
         run(cfg)
-    assert list(results.runs_dir(cfg.results_dir, cfg.sweep_name).glob("*.parquet")) == []
+    assert list(rows.runs_dir(cfg.results_dir, cfg.sweep_name).glob("*.parquet")) == []
 
 
 def test_rows_say_whether_the_selected_checkpoint_is_degenerate(make_cfg):
     row = run(make_cfg("task=rte", "train.max_steps=2", "save_adapter=false"))
-    folder = results.artifacts_dir(make_cfg().results_dir, "default", row["run_key"])
+    folder = rows.artifacts_dir(make_cfg().results_dir, "default", row["run_key"])
     best = pd.read_parquet(folder / "predictions.parquet").query("checkpoint == 'best'")
     assert isinstance(row["degenerate"], bool) and row["degenerate"] == (best.prediction.nunique() == 1)
 
@@ -122,8 +122,8 @@ def test_cli_run_produces_a_row(tmp_path, tiny_data_dir):
            "sweep_name=cli"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = results.read_rows(tmp_path / "cli")
-    assert len(rows) == 1 and rows.status.iloc[0] == "ok"
+    found = rows.read_rows(tmp_path / "cli")
+    assert len(found) == 1 and found.status.iloc[0] == "ok"
 
 
 def test_cli_default_fails_fast_offline_naming_the_overrides_that_work(tmp_path):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import merged_and_composed
-from harness import adapters, models, results, tasks
+from harness import adapters, models, rows, run_keys, tasks
+from harness.atomic import atomic_write_parquet
 from harness.assemble import assemble, read_splits
 from harness.run import run
 from harness.train import LengthGroupedBatches, bf16_supported, concrete_precision, predict, sequence_lengths
@@ -98,11 +99,11 @@ def test_group_by_length_off_keeps_the_run_key_of_configs_without_it(make_cfg):
 
     cfg = make_cfg()
     without = make_cfg()
-    with_off = results.semantic_config(cfg)
+    with_off = run_keys.semantic_config(cfg)
     with open_dict(without):
         del without.train["group_by_length"]
-    assert with_off == results.semantic_config(without)
-    assert results.run_key(cfg) == results.run_key(without)
+    assert with_off == run_keys.semantic_config(without)
+    assert run_keys.run_key(cfg) == run_keys.run_key(without)
 
 
 def test_group_by_length_must_be_a_boolean(make_cfg):
@@ -133,11 +134,11 @@ def tokenize_counting(task, tokenizer, raw, calls_file):
     """Tokenize through the task's cache, noting in `calls_file` each time the tokenizer really runs."""
     import time
 
-    def encode(rows):
+    def encode(examples):
         with open(calls_file, "a") as handle:
             handle.write("x")
         time.sleep(1.0)  # long enough that the other process asks while this one is still tokenizing
-        return task.encode(tokenizer, rows)
+        return task.encode(tokenizer, examples)
 
     task.cached(tokenizer, "train", raw, encode)
 
@@ -196,11 +197,11 @@ def test_rows_from_before_the_padding_and_time_columns_read_beside_new_ones(tmp_
     import pyarrow as pa
 
     new_columns = ["train_padding_ratio", "eval_padding_ratio", "wall_seconds", "setup_seconds"]
-    old_schema = pa.schema([f for f in results.SCHEMA if f.name not in new_columns])
+    old_schema = pa.schema([f for f in rows.SCHEMA if f.name not in new_columns])
     old = {"run_key": "old", "status": "ok", "score_best": 0.5}
-    results.atomic_write_parquet(results.make_row(old).drop(columns=new_columns),
-                                 results.row_path(tmp_path, "s", "old"), old_schema)
-    results.write_row(tmp_path, "s", {"run_key": "new", "status": "ok", "score_best": 0.6, "wall_seconds": 9.0})
-    rows = results.read_rows(tmp_path / "s").set_index("run_key")
-    assert list(rows.reset_index().columns) == results.COLUMNS
-    assert rows.loc["new", "wall_seconds"] == 9.0 and np.isnan(rows.loc["old", "wall_seconds"])
+    atomic_write_parquet(rows.make_row(old).drop(columns=new_columns), rows.row_path(tmp_path, "s", "old"),
+                         old_schema)
+    rows.write_row(tmp_path, "s", {"run_key": "new", "status": "ok", "score_best": 0.6, "wall_seconds": 9.0})
+    table = rows.read_rows(tmp_path / "s").set_index("run_key")
+    assert list(table.reset_index().columns) == rows.COLUMNS
+    assert table.loc["new", "wall_seconds"] == 9.0 and np.isnan(table.loc["old", "wall_seconds"])

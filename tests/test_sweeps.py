@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import wait_for
-from harness import results, sweep
+from harness import rows, sweep
 from harness.errors import ConfigError, RunBusy
 from harness.sweep import lifecycle, resources, slurm
 from harness.train import validate_train
@@ -54,10 +54,10 @@ def finished(results_dir: Path, status: str = "ok") -> Counter:
     return Counter(re.findall(rf"\brun ([0-9a-f]{{16}}) {status}: ", job_logs(results_dir)))
 
 
-def rows(results_dir: Path, sweep_name: str = "smoke") -> dict[str, dict]:
+def sweep_rows(results_dir: Path, sweep_name: str = "smoke") -> dict[str, dict]:
     """Every row of the sweep by run_key; reading each file also proves none is half-written."""
     return {r["run_key"]: r for r in (pq.read_table(p).to_pylist()[0]
-                                      for p in sorted(results.runs_dir(results_dir, sweep_name).glob("*.parquet")))}
+                                      for p in sorted(rows.runs_dir(results_dir, sweep_name).glob("*.parquet")))}
 
 
 
@@ -316,9 +316,9 @@ def test_visible_gpus_come_from_cuda_visible_devices_without_initialising_cuda(m
 def test_summary_lists_this_sittings_failures(tmp_path):
     before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     base = {"sweep": "s", "task": "rte", "variant": "lora", "seed": 0, "finished_at": before.isoformat()}
-    results.write_row(tmp_path, "s", {**base, "run_key": "a" * 16, "status": "ok", "rank": 8})
-    results.write_row(tmp_path, "s", {**base, "run_key": "b" * 16, "status": "oom", "rank": 4, "error": "CUDA oom"})
-    results.write_row(tmp_path, "s", {**base, "run_key": "c" * 16, "status": "failed", "variant": "full",
+    rows.write_row(tmp_path, "s", {**base, "run_key": "a" * 16, "status": "ok", "rank": 8})
+    rows.write_row(tmp_path, "s", {**base, "run_key": "b" * 16, "status": "oom", "rank": 4, "error": "CUDA oom"})
+    rows.write_row(tmp_path, "s", {**base, "run_key": "c" * 16, "status": "failed", "variant": "full",
                                       "error": "old", "finished_at": "2000-01-01T00:00:00+00:00"})
     text = sweep.format_summary("s", sweep.sitting_rows(tmp_path, "s", before), total_ok=1)
     assert "2 runs finished in this sitting (1 ok, 1 oom)" in text
@@ -341,7 +341,7 @@ def test_smoke_sweep_lists_its_jobs_runs_exactly_those_records_failures_and_resu
 
     done = harness_cli(*grid_args)
     assert done.returncode == 1 and "1 of 3 jobs did not end ok" in done.stderr, done.stderr
-    found = rows(harness_cli.results)
+    found = sweep_rows(harness_cli.results)
     assert sorted(found) == sorted(keys[1:])
     assert [found[k]["status"] for k in keys[1:]] == ["ok", "ok"]
     assert started(harness_cli.results) == Counter(keys)
@@ -360,7 +360,7 @@ def test_smoke_sweep_lists_its_jobs_runs_exactly_those_records_failures_and_resu
 def test_fail_fast_stops_the_sweep_at_the_first_failure(harness_cli):
     done = harness_cli("task=rte", "variant=lora", "variant.r=0,4", "fail_fast=true")
     assert done.returncode != 0 and "ConfigError" in done.stderr
-    assert rows(harness_cli.results) == {}, "the first job stopped the sweep before the second ran"
+    assert sweep_rows(harness_cli.results) == {}, "the first job stopped the sweep before the second ran"
 
 
 # A run's first log line, then (after the token cache's lines) its "training N steps" line: that run is training.
@@ -377,7 +377,7 @@ def test_a_sweep_killed_midway_loses_no_row_and_repeats_no_finished_run(harness_
     wait_for(lambda: finished(results_dir), what="a first finished run")
     first.send_signal(signal.SIGKILL)
     first.wait()
-    ok_after_first = {k: r["finished_at"] for k, r in rows(results_dir).items() if r["status"] == "ok"}
+    ok_after_first = {k: r["finished_at"] for k, r in sweep_rows(results_dir).items() if r["status"] == "ok"}
     assert ok_after_first
 
     first_sitting = frozenset(results_dir.glob("*/logs/*/*/__main__.log"))
@@ -388,11 +388,11 @@ def test_a_sweep_killed_midway_loses_no_row_and_repeats_no_finished_run(harness_
     assert in_flight not in ok_after_first
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=120) == 143
-    assert rows(results_dir)[in_flight]["status"] == "interrupted"
+    assert sweep_rows(results_dir)[in_flight]["status"] == "interrupted"
 
     third = harness_cli(*grid_args)
     assert third.returncode == 0, third.stderr
-    final = rows(results_dir)
+    final = sweep_rows(results_dir)
     assert len(final) == 4 and all(r["status"] == "ok" for r in final.values())
     assert all(final[k]["finished_at"] == t for k, t in ok_after_first.items()), "a finished row was rewritten"
     assert finished(results_dir) == Counter(list(final)), "every run finished ok exactly once"
@@ -418,7 +418,7 @@ def test_a_signal_to_a_parallel_sweep_alone_still_leaves_interrupted_rows(harnes
     code = sweep_process.wait(timeout=120)
     log = (harness_cli.results.parent / "cli-0.out").read_text()[-3000:]
     assert code == 130, log
-    final = rows(harness_cli.results)
+    final = sweep_rows(harness_cli.results)
     assert {key: final[key]["status"] for key in training} == {key: "interrupted" for key in training}, log
     assert all(final[key]["error"] == "Interrupted: received SIGTERM" for key in training)
 
@@ -435,7 +435,7 @@ def test_a_worker_killed_by_the_os_ends_the_sitting_with_a_clear_error(harness_c
     log = (harness_cli.results.parent / "cli-0.out").read_text()
     assert sweep_process.returncode == 1, log[-3000:]
     assert "ended without returning (TerminatedWorkerError" in log and "2 of its 2 runs have no ok row" in log
-    assert rows(harness_cli.results) == {}
+    assert sweep_rows(harness_cli.results) == {}
 
 
 def test_a_run_lock_names_its_holder_and_only_own_workers_are_signalled(make_cfg):
@@ -459,7 +459,7 @@ def test_two_sweeps_in_parallel_never_run_or_write_the_same_run(harness_cli):
              harness_cli(*grid_args, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "train.num_workers=1",
                          wait=False)]
     assert [p.wait(timeout=600) for p in procs] == [0, 0]
-    final = rows(harness_cli.results)
+    final = sweep_rows(harness_cli.results)
     assert len(final) == 4 and all(r["status"] == "ok" for r in final.values())
     assert started(harness_cli.results) == Counter(list(final)), "each run trained (and wrote its files) in one process"
     assert len(list(harness_cli.results.glob("smoke/logs/*"))) == 2, "each sweep has its own log folder"
@@ -471,7 +471,7 @@ def test_smoke_sweep_with_the_joblib_launcher_runs_the_listed_jobs_in_parallel(h
     keys = sorted(k for _, k, _ in listing(harness_cli(*grid_args, "dry_run=true").stdout))
     done = harness_cli(*grid_args, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "train.num_workers=1")
     assert done.returncode == 0, done.stderr
-    final = rows(harness_cli.results)
+    final = sweep_rows(harness_cli.results)
     assert sorted(final) == keys and all(r["status"] == "ok" for r in final.values()), final
     assert started(harness_cli.results) == Counter(keys)
 
@@ -482,7 +482,7 @@ def test_smoke_sweep_with_the_submitit_local_launcher(harness_cli):
     keys = sorted(k for _, k, _ in listing(harness_cli(*grid_args, "dry_run=true").stdout))
     done = harness_cli(*grid_args, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
     assert done.returncode == 0, done.stderr
-    final = rows(harness_cli.results)
+    final = sweep_rows(harness_cli.results)
     assert sorted(final) == keys and all(r["status"] == "ok" for r in final.values()), final
 
 
@@ -500,7 +500,7 @@ def test_a_preempted_submitit_job_writes_its_interrupted_row_and_the_sweep_goes_
     os.kill(victim, signal.SIGTERM)
     assert sweep_process.wait(timeout=300) == 1
     log, err = ((harness_cli.results.parent / f"cli-0.{kind}").read_text() for kind in ("out", "err"))
-    final = rows(harness_cli.results)
+    final = sweep_rows(harness_cli.results)
     assert sorted(r["status"] for r in final.values()) == ["interrupted", "ok"], log[-3000:]
     interrupted = next(k for k, r in final.items() if r["status"] == "interrupted")
     assert re.search(rf"interrupted +{interrupted} ", log), "the sweep's summary lists the interrupted run"
@@ -513,12 +513,12 @@ def test_hpo_with_optuna_records_failed_trials_and_resumes_by_replay(harness_cli
             "data.max_train_samples=32", "data.max_eval_samples=16", "train.max_steps=3", "task.max_seq_len=64"]
     done = harness_cli(*args, sweep="hpo")
     assert done.returncode == 0, done.stderr
-    first = rows(harness_cli.results, "hpo")
+    first = sweep_rows(harness_cli.results, "hpo")
     assert Counter(r["status"] for r in first.values()) == Counter({"ok": 2}), first  # r=0 trials: no row
     assert "Best value" in done.stderr + done.stdout
     again = harness_cli(*args, sweep="hpo")
     assert again.returncode == 0, again.stderr
-    assert rows(harness_cli.results, "hpo").keys() == first.keys(), "the seeded sampler proposed the same trials"
+    assert sweep_rows(harness_cli.results, "hpo").keys() == first.keys(), "the seeded sampler proposed the same trials"
     assert all(n == 1 for k, n in started(harness_cli.results).items() if first[k]["status"] == "ok")
 
 

@@ -17,7 +17,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import harness
-from harness import results, trackers
+from harness import rows, run_keys, trackers
+from harness.atomic import atomic_write_parquet
 from harness.errors import DataError, MissingExtra
 from harness.run import run
 
@@ -29,7 +30,7 @@ DIVERGING = ["train.lr=1e12", "train.max_grad_norm=null", "train.max_steps=8", "
 
 
 def history_of(cfg, row) -> pd.DataFrame:
-    return pd.read_parquet(results.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"]) / "history.parquet")
+    return pd.read_parquet(rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"]) / "history.parquet")
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +74,7 @@ def test_logger_takes_one_tracker_or_several_and_never_changes_the_run_key(choic
         plain = compose(config_name="config")
         cfg = compose(config_name="config", overrides=[choice] if choice else [])
     assert trackers.requested(cfg) == expected
-    assert results.run_key(cfg) == results.run_key(plain)
+    assert run_keys.run_key(cfg) == run_keys.run_key(plain)
 
 
 def test_logger_files_start_with_a_command():
@@ -86,7 +87,7 @@ def test_a_missing_tracker_stops_the_run_at_its_start_naming_the_extra(make_cfg,
     cfg = make_cfg("logger=wandb")  # alone: the other trackers need not be installed either
     with pytest.raises(MissingExtra, match=r"logger=wandb needs the wandb package.*pip install -e '\.\[wandb\]'"):
         run(cfg)
-    assert not results.runs_dir(cfg.results_dir, cfg.sweep_name).exists(), "stopped before writing anything"
+    assert not rows.runs_dir(cfg.results_dir, cfg.sweep_name).exists(), "stopped before writing anything"
 
 
 def test_the_default_mlflow_store_is_in_the_sweep_folder_unless_mlflow_tracking_uri_says_otherwise(
@@ -154,7 +155,7 @@ def test_tensorboard_shows_the_loss_curve_learning_rates_throughput_and_each_eva
     pytest.importorskip("tensorboard")
     cfg, row = tracked_ok
     folder = json.loads(row["tracker_run_ids"])["tensorboard"]
-    assert Path(folder) == results.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"]) / "tb"
+    assert Path(folder) == rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"]) / "tb"
     events, hparams = tensorboard_events(folder)
     assert sorted(scalars(events, "train/loss")) == [2, 4, 6]
     assert set(scalars(events, "train/lr/decay")) == set(scalars(events, "train/lr/no_decay")) == {2, 4, 6}
@@ -222,7 +223,7 @@ def wandb_records(run_dir: Path, wait_s: float = 60) -> list:
 def wandb_run(row) -> list:
     """The records of the row's W&B run, from its offline folder under the run's folder."""
     run_id = json.loads(row["tracker_run_ids"])["wandb"]
-    artifacts = results.artifacts_dir(json.loads(row["config_json"])["results_dir"], row["sweep"], row["run_key"])
+    artifacts = rows.artifacts_dir(json.loads(row["config_json"])["results_dir"], row["sweep"], row["run_key"])
     return wandb_records(next(artifacts.glob(f"wandb/offline-run-*-{run_id}")))
 
 
@@ -300,9 +301,9 @@ def test_an_interrupted_run_is_a_killed_mlflow_run(make_cfg, mlflow_store, monke
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     cfg = make_cfg("logger=mlflow", "sweep_name=tracked_interrupted")
-    opened = trackers.Trackers.start(cfg, results.run_key(cfg), "rte")
+    opened = trackers.Trackers.start(cfg, run_keys.run_key(cfg), "rte")
     run_id = json.loads(opened.run_ids())["mlflow"]
-    opened.close({"run_key": results.run_key(cfg), "status": "interrupted", "error": "Interrupted: received SIGTERM"})
+    opened.close({"run_key": run_keys.run_key(cfg), "status": "interrupted", "error": "Interrupted: received SIGTERM"})
     tracked = MlflowClient(tracking_uri=mlflow_store).get_run(run_id)
     assert tracked.info.status == "KILLED" and tracked.data.tags["harness.status"] == "interrupted"
 
@@ -319,13 +320,13 @@ def test_joblib_workers_each_log_their_own_tracked_runs_into_one_store(harness_c
     done = harness_cli("task=rte,stsb", "variant=lora", "variant.r=4", "hydra/launcher=joblib",
                        "hydra.launcher.n_jobs=2", f"logger=[{','.join(chosen)}]")
     assert done.returncode == 0, done.stderr
-    rows = harness.load_rows(harness_cli.results / "smoke")
-    assert len(rows) == 2 and (rows.status == "ok").all()
-    ids = [json.loads(i) for i in rows.tracker_run_ids]
+    found = harness.load_rows(harness_cli.results / "smoke")
+    assert len(found) == 2 and (found.status == "ok").all()
+    ids = [json.loads(i) for i in found.tracker_run_ids]
     for name in chosen:
         assert len({i[name] for i in ids}) == 2, f"each run has its own {name} run"
     if "tensorboard" in chosen:
-        for i, key in zip(ids, rows.run_key):
+        for i, key in zip(ids, found.run_key):
             events, _ = tensorboard_events(i["tensorboard"])
             assert key in i["tensorboard"] and sorted(scalars(events, "eval/epoch")) == [4]
     if "mlflow" in chosen:
@@ -334,10 +335,10 @@ def test_joblib_workers_each_log_their_own_tracked_runs_into_one_store(harness_c
         store = (harness_cli.results / "smoke" / "mlruns").resolve()
         client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
         tracked = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
-        assert sorted(r.info.run_name for r in tracked) == sorted(rows.run_key)
+        assert sorted(r.info.run_name for r in tracked) == sorted(found.run_key)
         assert {r.info.status for r in tracked} == {"FINISHED"}
     if "wandb" in chosen:
-        for _, row in rows.iterrows():
+        for _, row in found.iterrows():
             assert wandb_exit_code(wandb_run(row)) == 0
 
 
@@ -347,7 +348,7 @@ def test_load_rows_gives_every_row_as_one_frame_with_config_and_history_on_reque
     failed = run(make_cfg(*DIVERGING))  # a row without history
     folder = Path(make_cfg().results_dir) / "default"
     everything = harness.load_rows(folder)
-    assert sorted(everything.status) == ["diverged", "ok"] and list(everything.columns) == results.COLUMNS
+    assert sorted(everything.status) == ["diverged", "ok"] and list(everything.columns) == rows.COLUMNS
     assert str(everything["rank"].dtype) == "Int64" and str(everything["steps"].dtype) == "Int64"
     assert list(harness.load_rows(folder.parent, ok_only=True).run_key) == [ok["run_key"]]
     flat = harness.load_rows(folder, flatten_config=True).set_index("run_key")
@@ -368,12 +369,12 @@ def test_load_rows_reads_the_committed_results_and_names_a_missing_folder():
 
 def test_rows_written_before_a_column_was_added_read_beside_new_ones(tmp_path):
     new = {"run_key": "new", "sweep": "s", "status": "ok", "tracker_run_ids": '{"mlflow": "abc"}'}
-    results.write_row(tmp_path, "s", new)
-    old = results.make_row({"run_key": "old", "sweep": "s", "status": "ok"}).drop(columns=["tracker_run_ids"])
-    old_schema = results.SCHEMA.remove(results.SCHEMA.get_field_index("tracker_run_ids"))
-    results.atomic_write_parquet(old, results.row_path(tmp_path, "s", "old"), old_schema)
-    rows = results.read_rows(tmp_path / "s").set_index("run_key")
-    assert rows.loc["new", "tracker_run_ids"] == '{"mlflow": "abc"}' and pd.isna(rows.loc["old", "tracker_run_ids"])
+    rows.write_row(tmp_path, "s", new)
+    old = rows.make_row({"run_key": "old", "sweep": "s", "status": "ok"}).drop(columns=["tracker_run_ids"])
+    old_schema = rows.SCHEMA.remove(rows.SCHEMA.get_field_index("tracker_run_ids"))
+    atomic_write_parquet(old, rows.row_path(tmp_path, "s", "old"), old_schema)
+    table = rows.read_rows(tmp_path / "s").set_index("run_key")
+    assert table.loc["new", "tracker_run_ids"] == '{"mlflow": "abc"}' and pd.isna(table.loc["old", "tracker_run_ids"])
 
 
 def test_default_installs_leave_the_trackers_out_and_each_has_its_extra():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness import adapters, results
+from harness import adapters, rows
 from harness.assemble import assemble, read_splits
 from harness.errors import ConfigError
 from harness.meters import SavedTensorMeter
@@ -49,7 +49,7 @@ def test_training_loop_takes_the_same_steps_as_the_transformers_trainer(make_cfg
         adam_beta2=recipe.adam_betas[1], adam_epsilon=recipe.adam_eps, logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
     trainer = Trainer(model=theirs, args=args, train_dataset=splits.train,
-                      data_collator=lambda rows: {k: v for k, v in collate(rows).items() if k != "idx"})
+                      data_collator=lambda batch: {k: v for k, v in collate(batch).items() if k != "idx"})
     trainer.train()
 
     our_losses = [entry["train_loss"] for entry in outcome.history]  # one evaluation per epoch = per step
@@ -141,7 +141,7 @@ def test_gradient_checkpointing_through_a_run_saves_activations_and_trains_the_s
     assert checkpointed["saved_activation_bytes"] < plain["saved_activation_bytes"]
     assert checkpointed["score_last"] == pytest.approx(plain["score_last"])
     assert checkpointed["metric_accuracy"] == pytest.approx(plain["metric_accuracy"])
-    losses = [pd.read_parquet(results.artifacts_dir(row_cfg.results_dir, name, row["run_key"]) / "history.parquet")
+    losses = [pd.read_parquet(rows.artifacts_dir(row_cfg.results_dir, name, row["run_key"]) / "history.parquet")
               ["train_loss"] for name, row in (("plain", plain), ("ckpt", checkpointed))]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
@@ -186,7 +186,7 @@ def test_selection_picks_the_best_eval_the_last_or_the_best_on_a_held_out_slice_
     heldout = run(heldout_cfg)
     assert heldout["status"] == "ok", heldout.get("error")
     assert heldout["train_examples"] < best["train_examples"]  # the selection slice is not trained on
-    folder = results.artifacts_dir(heldout_cfg.results_dir, heldout_cfg.sweep_name, heldout["run_key"])
+    folder = rows.artifacts_dir(heldout_cfg.results_dir, heldout_cfg.sweep_name, heldout["run_key"])
     history = pd.read_parquet(folder / "history.parquet")
     history = history[history["setting"].isna()] if "setting" in history else history
     chosen = history.loc[history["selection_score"].idxmax()]  # idxmax: the first of equals, as the trainer keeps

@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from harness import adapters, models, results
+from harness import adapters, models, rows
 from harness.assemble import assemble, parameter_counts
 from harness.adapters import VARIANTS, peft_bridge
 from harness.adapters.inject import AdapterVariant
@@ -443,7 +443,7 @@ def test_every_adapter_trains_through_run_and_writes_its_row(make_cfg, name, mon
     [(variant, as_built)] = built
     assert vars(variant) == as_built and as_built.keys() == {"cfg"}
     assert row["saved_activation_bytes"] > 0 and row["trainable_params"] > 0
-    artifacts = results.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"])
+    artifacts = rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"])
     saved = load_file(artifacts / "adapter.safetensors")
     if name == "dylora":
         assert set(json.loads(row["rank_scores_json"])) == {"r=1", "r=2"}
@@ -466,7 +466,7 @@ def test_every_variant_trains_on_squad_v2_with_its_span_head_saved(make_cfg, squ
     row = run(cfg)
     assert row["status"] == "ok", row.get("error")
     assert 0 <= row["metric_f1"] <= 100 and row["metric_HasAns_f1"] is not None
-    saved = load_file(results.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"]) / "adapter.safetensors")
+    saved = load_file(rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"]) / "adapter.safetensors")
     assert {"qa_outputs.weight", "qa_outputs.bias"} <= set(saved)
 
 

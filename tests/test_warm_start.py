@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import adapters, results, sweep, warm_start
+from harness import adapters, rows, run_keys, sweep, warm_start
 from harness import run as run_module
 from harness.errors import ConfigError, HarnessError
 from harness.train import TrainingLoop
@@ -28,7 +28,7 @@ def adapter_tensors(model, head) -> dict[str, torch.Tensor]:
 def test_rte_starts_from_the_mnli_runs_adapter_and_its_run_key_includes_mnlis(make_cfg, monkeypatch):
     source = run_module.run(make_cfg(*MNLI))
     assert source["status"] == "ok", source.get("error")
-    saved = results.artifacts_dir(make_cfg().results_dir, "default", source["run_key"])
+    saved = rows.artifacts_dir(make_cfg().results_dir, "default", source["run_key"])
     checkpoint = saved / ("adapter_best.safetensors" if (saved / "adapter_best.safetensors").exists()
                           else "adapter.safetensors")
     mnli_adapter = {n: t for n, t in load_file(str(checkpoint)).items() if not n.startswith("classifier")}
@@ -48,13 +48,13 @@ def test_rte_starts_from_the_mnli_runs_adapter_and_its_run_key_includes_mnlis(ma
     row = run_module.run(warm)
     assert row["status"] == "ok", row.get("error")
     assert row["init_from"] == source["run_key"]
-    assert row["run_key"] == results.run_key(warm_start.resolve(warm)) != results.run_key(cold)
+    assert row["run_key"] == run_keys.run_key(warm_start.resolve(warm)) != run_keys.run_key(cold)
     assert set(seen["start"]) == set(mnli_adapter) and mnli_adapter
     for name, tensor in mnli_adapter.items():
         assert torch.equal(seen["start"][name], tensor), name
     assert seen["head"]["classifier.out_proj.weight"].shape[0] == 2  # RTE's own fresh 2-label head, not MNLI's 3
     # the same source named by its run_key gives the same run
-    assert results.run_key(make_cfg("task=rte", f"init_from={source['run_key']}")) == row["run_key"]
+    assert run_keys.run_key(make_cfg("task=rte", f"init_from={source['run_key']}")) == row["run_key"]
 
 
 def test_a_missing_source_is_a_clear_error_that_names_it(make_cfg):
@@ -91,17 +91,23 @@ def test_init_from_that_names_nothing_is_a_config_error(make_cfg):
 
 def test_init_from_at_its_default_leaves_existing_run_keys_alone(make_cfg):
     cfg = make_cfg("task=rte")
-    semantic = results.semantic_config(cfg)
+    semantic = run_keys.semantic_config(cfg)
     assert "init_from" not in semantic and "frozen" not in semantic["variant"]
-    assert "frozen" not in results.semantic_config(make_cfg("variant=dylora", "variant.frozen=false"))["variant"]
-    assert results.semantic_config(make_cfg("variant=dylora"))["variant"]["frozen"] is True
+    assert "frozen" not in run_keys.semantic_config(make_cfg("variant=dylora", "variant.frozen=false"))["variant"]
+    assert run_keys.semantic_config(make_cfg("variant=dylora"))["variant"]["frozen"] is True
 
 
 def test_sources_run_in_an_earlier_wave_than_the_runs_that_start_from_them():
     states = [sweep.JobState(["a"], "k_rte", "todo", source="k_mnli"), sweep.JobState(["b"], "k_mnli", "todo"),
               sweep.JobState(["c"], "k_sst2", "todo"), sweep.JobState(["d"], "k_mrpc", "todo", source="k_done")]
     waves = [[s.run_key for s in wave] for wave in sweep.dependency_waves(states)]
-    assert waves == [["k_mnli", "k_sst2", "k_mrpc"], ["k_rte"]]  # k_done has a row already: no wait
+    assert waves == [["k_mnli"], ["k_rte", "k_sst2", "k_mrpc"]]  # k_done has a row already: no wait
+    # seeds outermost: a wave ends only where a job needs one of its own, so seed 0 finishes before seed 1 starts
+    # its warm-started runs
+    grid = [sweep.JobState([], f"{task}{seed}", "todo", source=f"mnli{seed}" if task == "mrpc" else None)
+            for seed in (0, 1) for task in ("mnli", "cola", "mrpc")]
+    waves = [[s.run_key for s in wave] for wave in sweep.dependency_waves(grid)]
+    assert waves == [["mnli0", "cola0"], ["mrpc0", "mnli1", "cola1"], ["mrpc1"]]
     with pytest.raises(ConfigError, match="cycle"):
         sweep.dependency_waves([sweep.JobState(["a"], "x", "todo", source="y"),
                                 sweep.JobState(["b"], "y", "todo", source="x")])
@@ -151,27 +157,27 @@ def test_a_sweep_over_mnli_and_rte_trains_mnli_first_and_rte_from_it(harness_cli
     searchpath = write_sweep(tmp_path)
     done = harness_cli(searchpath, sweep="warm")
     assert done.returncode == 0, done.stderr
-    rows = results.read_rows(harness_cli.results / "warm").set_index("task")
-    assert rows.loc["rte", "init_from"] == rows.loc["mnli", "run_key"]
+    found = rows.read_rows(harness_cli.results / "warm").set_index("task")
+    assert found.loc["rte", "init_from"] == found.loc["mnli", "run_key"]
     logs = "\n".join(p.read_text() for p in sorted((harness_cli.results / "warm").glob("logs/*/*/__main__.log")))
     started = re.findall(r"\brun ([0-9a-f]{16}): task=(\w+)", logs)
-    finished_mnli = logs.index(f"run {rows.loc['mnli', 'run_key']} ok")
+    finished_mnli = logs.index(f"run {found.loc['mnli', 'run_key']} ok")
     assert [task for _, task in started] == ["mnli", "rte"]
-    assert logs.index(f"run {rows.loc['rte', 'run_key']}: task=rte") > finished_mnli
+    assert logs.index(f"run {found.loc['rte', 'run_key']}: task=rte") > finished_mnli
     listing = harness_cli(searchpath, "dry_run=true", sweep="warm")
     assert listing.stdout.count("\tok\t") == 2  # resumable: both keys are the same on the next sitting
 
     # a later sitting (a fresh clone: rows kept by git, adapters not) with RTE still to run: MNLI runs again first
-    mnli_key, rte_key = rows.loc["mnli", "run_key"], rows.loc["rte", "run_key"]
-    shutil.rmtree(results.artifacts_dir(harness_cli.results, "warm", mnli_key))
-    results.row_path(harness_cli.results, "warm", rte_key).unlink()
+    mnli_key, rte_key = found.loc["mnli", "run_key"], found.loc["rte", "run_key"]
+    shutil.rmtree(rows.artifacts_dir(harness_cli.results, "warm", mnli_key))
+    rows.row_path(harness_cli.results, "warm", rte_key).unlink()
     listing = harness_cli(searchpath, "dry_run=true", sweep="warm")
     assert f"no_adapter\t{mnli_key}" in listing.stdout and f"todo\t{rte_key}" in listing.stdout
     again = harness_cli(searchpath, sweep="warm")
     assert again.returncode == 0, again.stderr
-    rows = results.read_rows(harness_cli.results / "warm").set_index("task")
-    assert rows.loc["mnli", "status"] == rows.loc["rte", "status"] == "ok"
-    assert rows.loc["rte", "init_from"] == mnli_key and warm_start.adapter_file(harness_cli.results, "warm", mnli_key)
+    found = rows.read_rows(harness_cli.results / "warm").set_index("task")
+    assert found.loc["mnli", "status"] == found.loc["rte", "status"] == "ok"
+    assert found.loc["rte", "init_from"] == mnli_key and warm_start.adapter_file(harness_cli.results, "warm", mnli_key)
 
 
 def test_an_ok_source_without_its_adapter_runs_again_only_while_a_job_needs_it():
@@ -199,7 +205,7 @@ def test_a_sweep_whose_source_fails_records_its_users_error_naming_the_source(ha
     diverges = ", train.lr=1e12, train.max_grad_norm=null, train.schedule=constant, train.warmup_ratio=0"
     done = harness_cli(write_sweep(tmp_path, mnli_extra=diverges), sweep="warm")
     assert done.returncode != 0
-    rows = results.read_rows(harness_cli.results / "warm").set_index("task")
-    assert rows.loc["mnli", "status"] == "diverged" and "rte" not in rows.index  # no run: an error before training
+    found = rows.read_rows(harness_cli.results / "warm").set_index("task")
+    assert found.loc["mnli", "status"] == "diverged" and "rte" not in found.index  # no run: an error before training
     errors = "\n".join(p.read_text() for p in (harness_cli.results / "warm").glob("logs/*/*/error.txt"))
-    assert f"SourceUnavailable: init_from={rows.loc['mnli', 'run_key']}" in errors and "ended diverged" in errors
+    assert f"SourceUnavailable: init_from={found.loc['mnli', 'run_key']}" in errors and "ended diverged" in errors

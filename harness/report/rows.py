@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from harness import results as results_io
+from harness import rows as row_store
+from harness import run_keys
 from harness.errors import ReportError
 from harness.metrics import constant_predictions
 from harness.report.labels import VARIANT_ORDER
@@ -35,7 +36,7 @@ def load(*dirs: str | Path) -> pd.DataFrame:
         if not folder.is_dir():
             raise ReportError(f"results folder {str(folder)!r} does not exist; pass the folder a sweep wrote "
                               "(results/<sweep_name>) or one holding several sweeps (results)")
-    rows = results_io.load_rows(*dirs)  # the rows the notebook and harness.load_rows give
+    rows = row_store.load_rows(*dirs)  # the rows the notebook and harness.load_rows give
     if rows.empty:
         raise ReportError(
             f"no results rows under {', '.join(map(str, dirs))}: expected <dir>/runs/<run_key>.parquet or "
@@ -116,7 +117,7 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 def config_differences(configs: Sequence[str]) -> list[str]:
     """Dotted keys whose values differ between the given config_json strings (paths and devices ignored)."""
-    flat = [flatten(results_io.semantic_config(OmegaConf.create(json.loads(c)))) for c in configs]
+    flat = [flatten(run_keys.semantic_config(OmegaConf.create(json.loads(c)))) for c in configs]
     keys = sorted(set().union(*flat))
     return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from harness import results
+from harness import rows, run_keys
 from harness.errors import ConfigError, RunBusy
 from harness.sweep.grid import override_key
 
@@ -45,11 +45,11 @@ class JobState:
 
 def job_state(cfg: DictConfig, overrides: list[str]) -> JobState:
     """The run_key of a composed job config and the status of its row (`todo` without one)."""
-    key = results.run_key(cfg)
-    row = results.read_row(results.row_path(cfg.results_dir, cfg.sweep_name, key))
+    key = run_keys.run_key(cfg)
+    row = rows.read_row(rows.row_path(cfg.results_dir, cfg.sweep_name, key))
     if row is None:
         return JobState(list(overrides), key, "todo")
-    status = "nan" if row["status"] == "ok" and not results.is_done(row) else row["status"]  # ok, with a NaN score
+    status = "nan" if row["status"] == "ok" and not rows.is_done(row) else row["status"]  # ok, with a NaN score
     from harness import warm_start  # torch: not for the sweeper's own startup
 
     has_adapter = warm_start.adapter_file(cfg.results_dir, cfg.sweep_name, key) is not None
@@ -90,20 +90,30 @@ def rerun_sources_without_adapter(states: list[JobState]) -> list[JobState]:
 
 
 def dependency_waves(states: Sequence[JobState]) -> list[list[JobState]]:
-    """The jobs to run in launch order: first those whose init_from source is not among them, then those that start
-    from a job of the first wave, and so on, so that a source's row exists before a run reads it."""
+    """The jobs to run in launch order, cut into waves that run one after another, so that a source's row exists
+    before a run reads it. The grid's order is kept (a source listed after its user moves ahead of it), and a wave
+    ends only where the next job starts from a job of that wave: with seeds outermost, as the sweep files have them,
+    a sitting that stops early still leaves whole seeds (each wave's end waits for its slowest job)."""
     pending = list(states)
     keys_pending = {s.run_key for s in pending}
-    waves: list[list[JobState]] = []
+    ordered: list[JobState] = []
     while pending:
-        wave = [s for s in pending if s.source not in keys_pending]
-        if not wave:
+        ready = next((s for s in pending if s.source not in keys_pending), None)
+        if ready is None:
             raise ConfigError("init_from forms a cycle among these jobs: "
                               + ", ".join(f"{s.run_key} <- {s.source}" for s in pending))
-        waves.append(wave)
-        pending = [s for s in pending if s not in wave]
-        keys_pending = {s.run_key for s in pending}
-    return waves
+        ordered.append(ready)
+        pending.remove(ready)
+        keys_pending.discard(ready.run_key)
+    waves: list[list[JobState]] = [[]]
+    in_wave: set[str] = set()
+    for state in ordered:
+        if state.source in in_wave:
+            waves.append([])
+            in_wave = set()
+        waves[-1].append(state)
+        in_wave.add(state.run_key)
+    return [wave for wave in waves if wave]
 
 
 def format_listing(sweep_name: str, states: Sequence[JobState], other_rows: int = 0) -> str:
@@ -130,7 +140,7 @@ def format_listing(sweep_name: str, states: Sequence[JobState], other_rows: int 
 def other_rows(results_dir: str | Path, sweep_name: str, states: Sequence[JobState]) -> int:
     """How many rows of the sweep's folder belong to none of `states` (rows of an earlier config)."""
     keys = {s.run_key for s in states}
-    return sum(1 for p in results.runs_dir(results_dir, sweep_name).glob("*.parquet") if p.stem not in keys)
+    return sum(1 for p in rows.runs_dir(results_dir, sweep_name).glob("*.parquet") if p.stem not in keys)
 
 
 def todo_jobs(sweep_name: str, states: Sequence[JobState]) -> list[JobState]:

@@ -19,7 +19,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from harness import results
+from harness import rows
 from harness.errors import HarnessError, RunBusy, RunFailed, SweepStopping
 
 log = logging.getLogger(__name__)
@@ -29,24 +29,24 @@ JOB_ERROR_FILE = "error.txt"  # in a sweep job's log folder: why the job did not
 
 def sitting_rows(results_dir: str | Path, sweep_name: str, since: dt.datetime) -> pd.DataFrame:
     """The rows of sweep `sweep_name` written since `since` (this sitting), any status."""
-    rows = results.read_rows(Path(results_dir) / sweep_name)
-    if rows.empty:
-        return rows
-    finished = rows["finished_at"].map(lambda s: dt.datetime.fromisoformat(s) if s else None)
-    return rows[finished.map(lambda t: t is not None and t >= since)]
+    frame = rows.read_rows(Path(results_dir) / sweep_name)
+    if frame.empty:
+        return frame
+    finished = frame["finished_at"].map(lambda s: dt.datetime.fromisoformat(s) if s else None)
+    return frame[finished.map(lambda t: t is not None and t >= since)]
 
 
-def format_summary(sweep_name: str, rows: pd.DataFrame, total_ok: int,
+def format_summary(sweep_name: str, sitting: pd.DataFrame, total_ok: int,
                    job_errors: Sequence[tuple[str, str]] = ()) -> str:
     """How this sitting's runs ended, listing those that did not end ok, then the jobs that stopped before their
     run started (`job_errors`: (overrides, error) of a bad config or environment: no row)."""
-    counts = rows["status"].value_counts().to_dict() if len(rows) else {}
-    if len(rows):
-        text = (f"sweep {sweep_name}: {len(rows)} runs finished in this sitting ("
+    counts = sitting["status"].value_counts().to_dict() if len(sitting) else {}
+    if len(sitting):
+        text = (f"sweep {sweep_name}: {len(sitting)} runs finished in this sitting ("
                 + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"); {total_ok} ok rows in the sweep")
     else:
         text = f"sweep {sweep_name}: no run finished in this sitting; {total_ok} ok rows in the sweep"
-    failed = rows[rows["status"] != "ok"] if len(rows) else rows
+    failed = sitting[sitting["status"] != "ok"] if len(sitting) else sitting
     if len(failed):
         text += f"\n{len(failed)} runs did not end ok (re-running the same command retries them):"
         for row in failed.itertuples():
@@ -86,12 +86,12 @@ def log_summary(results_dir: str | Path, sweep_name: str, since: dt.datetime,
                 sweep_dir: str | Path | None = None) -> int:
     """Log how the runs written since `since` ended, listing those not ok and the jobs of `sweep_dir` that did not
     start; return how many were not ok."""
-    rows = sitting_rows(results_dir, sweep_name, since)
-    all_rows = results.read_rows(Path(results_dir) / sweep_name)
+    sitting = sitting_rows(results_dir, sweep_name, since)
+    all_rows = rows.read_rows(Path(results_dir) / sweep_name)
     total_ok = int((all_rows["status"] == "ok").sum()) if len(all_rows) else 0
     errors = job_errors(sweep_dir)
-    not_ok = (int((rows["status"] != "ok").sum()) if len(rows) else 0) + len(errors)
-    (log.warning if not_ok else log.info)(format_summary(sweep_name, rows, total_ok, errors))
+    not_ok = (int((sitting["status"] != "ok").sum()) if len(sitting) else 0) + len(errors)
+    (log.warning if not_ok else log.info)(format_summary(sweep_name, sitting, total_ok, errors))
     return not_ok
 
 

@@ -23,7 +23,7 @@ from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
 
 from harness.errors import ConfigError, DataError, require
 from harness.hub import from_hub
-from harness.results import publish_folder
+from harness.atomic import publish_folder
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ class Task:
 
     def score(self, split: str, dataset: datasets.Dataset, outputs: dict[str, np.ndarray]
               ) -> tuple[dict[str, float], pd.DataFrame]:
-        """Metrics (names from results.METRIC_COLUMNS) and per-example predictions for one split."""
+        """Metrics (names from harness.rows.METRIC_NAMES) and per-example predictions for one split."""
         raise NotImplementedError
 
     def metric_suffix(self, split: str) -> str:

@@ -129,7 +129,7 @@ class HarnessSweeper(BasicSweeper):
         launchers' returns, how many jobs failed)."""
         from joblib.externals.loky.process_executor import TerminatedWorkerError
 
-        from harness import results
+        from harness import rows
         from harness.errors import RunFailed
         from harness.sweep import job_failure
         from harness.sweep.slurm import launch_array
@@ -151,7 +151,7 @@ class HarnessSweeper(BasicSweeper):
                 # The OS killed a joblib worker (out of memory, most likely): joblib then kills the batch's
                 # other workers too and returns nothing for it. Their runs have no row; go on, say so.
                 missing = [k for k in keys[start:start + size]
-                           if not results.has_ok_row(self.config.results_dir, self.config.sweep_name, k)]
+                           if not rows.has_ok_row(self.config.results_dir, self.config.sweep_name, k)]
                 log.error("a job of this batch ended without returning (%s: %s); %d of its %d runs have no ok "
                           "row: %s. The same command runs them again.", type(err).__name__, err, len(missing),
                           len(batch), " ".join(missing))

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import wait_for as shared_wait_for
-from harness import results
+from harness import rows
 from harness import sweep as sweep_module
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,9 +106,9 @@ def squeue(name: str) -> list[tuple[str, str]]:
     return [tuple(line.split("|")) for line in out.splitlines() if line.strip()]
 
 
-def rows(results_dir: Path) -> dict[str, dict]:
+def sweep_rows(results_dir: Path) -> dict[str, dict]:
     return {r["run_key"]: r for r in (pq.read_table(p).to_pylist()[0]
-                                      for p in sorted(results.runs_dir(results_dir, SWEEP).glob("*.parquet")))}
+                                      for p in sorted(rows.runs_dir(results_dir, SWEEP).glob("*.parquet")))}
 
 
 def job_logs(results_dir: Path) -> str:
@@ -141,7 +141,7 @@ def test_an_array_sweep_writes_every_row_respects_its_parallelism_and_a_rerun_su
     grid = ["variant=lora,head,bitfit", "train.max_steps=3"]
     first = slurm_sweep(*grid, "hydra.launcher.array_parallelism=1")
     assert first.returncode == 0, first.stderr[-3000:]
-    made = rows(slurm_sweep.results)
+    made = sweep_rows(slurm_sweep.results)
     assert sorted(r["variant"] for r in made.values()) == ["bitfit", "head", "lora"]
     assert all(r["status"] == "ok" for r in made.values())
     assert all(r["device"].startswith("cpu:1 threads@") for r in made.values()), "cpus_per_task=1 -> 1 thread"
@@ -155,7 +155,7 @@ def test_an_array_sweep_writes_every_row_respects_its_parallelism_and_a_rerun_su
         f"array_parallelism=1: the node has 2 CPUs, yet no two tasks may overlap: {spans}"
 
     head = next(k for k, r in made.items() if r["variant"] == "head")
-    results.row_path(slurm_sweep.results, SWEEP, head).unlink()
+    rows.row_path(slurm_sweep.results, SWEEP, head).unlink()
     again = slurm_sweep(*grid, "hydra.launcher.cpus_per_task=2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "3 jobs, 2 already done, 1 to run" in again.stdout + again.stderr
@@ -164,7 +164,7 @@ def test_an_array_sweep_writes_every_row_respects_its_parallelism_and_a_rerun_su
     assert len(arrays) == 2, jobs
     rerun = [j for j in jobs if j["JobID"].split("_")[0] == arrays[1]]
     assert len(rerun) == 1 and rerun[0]["AllocCPUS"] == "2", f"only the missing job was submitted: {jobs}"
-    final = rows(slurm_sweep.results)
+    final = sweep_rows(slurm_sweep.results)
     assert final[head]["status"] == "ok" and final[head]["device"].startswith("cpu:2 threads@"), \
         "cpus_per_task=2 -> torch uses 2 threads"
     assert {k: r["finished_at"] for k, r in final.items() if k != head} == \
@@ -179,7 +179,8 @@ def test_a_preempted_job_writes_its_interrupted_row_requeues_itself_and_ends_ok(
     urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "2", "--mem=1G", "-o", "/dev/null",
                              "-J", slurm_sweep.name, "--wrap", "sleep 1"],
                             check=True, capture_output=True, text=True).stdout.strip()
-    interrupted = wait_for(lambda: [r for r in rows(slurm_sweep.results).values() if r["status"] == "interrupted"],
+    interrupted = wait_for(lambda: [r for r in sweep_rows(slurm_sweep.results).values()
+                                    if r["status"] == "interrupted"],
                            timeout=120, what="the interrupted row")
     assert interrupted[0]["error"] == "Interrupted: received SIGTERM"
     # SLURM holds a requeued job for 2 minutes (its credential's lifetime); the test lets it start at once
@@ -188,7 +189,7 @@ def test_a_preempted_job_writes_its_interrupted_row_requeues_itself_and_ends_ok(
                       what="the job requeued")
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
     assert sweep.wait(timeout=600) == 0, slurm_sweep.log()[-3000:]
-    final = rows(slurm_sweep.results)
+    final = sweep_rows(slurm_sweep.results)
     assert [r["status"] for r in final.values()] == ["ok"], "the requeued job ran the run again to its end"
     logs = job_logs(slurm_sweep.results)
     assert re.search(r"SLURM job \d+ requeued itself \(preempted\)", logs), logs[-3000:]  # one run: no array
@@ -211,7 +212,7 @@ def test_a_job_at_its_time_limit_and_a_cancelled_job_end_the_sweep_naming_both_a
     subprocess.run(["scancel", "-s", "KILL", cancelled], check=True)
     assert sweep.wait(timeout=300) == 1
     log = slurm_sweep.log()
-    final = rows(slurm_sweep.results)
+    final = sweep_rows(slurm_sweep.results)
     assert sorted((r["variant"], r["status"]) for r in final.values()) == [("head", "interrupted"),
                                                                            ("lora", "interrupted")], final
     for key in final:
@@ -250,4 +251,4 @@ def test_with_accounting_off_a_job_that_dies_unseen_is_named_within_bounded_time
     log = slurm_sweep.log()
     assert re.search(rf"lost +job {job} .*: SLURM job {job} no longer listed by SLURM \(no accounting", log), \
         log[-3000:]
-    assert rows(slurm_sweep.results) == {}
+    assert sweep_rows(slurm_sweep.results) == {}

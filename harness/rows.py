@@ -1,31 +1,29 @@
 """One Parquet row per run, same columns for every task, written so that a half-written row never exists.
 
-Layout: <results_dir>/<sweep>/runs/<run_key>.parquet is the row; <run_key>/ beside it holds the per-eval
-history, the validation predictions, the resolved config and the saved adapter. The row is written last,
-by rename, so its presence means the run's files are complete.
+Layout: <results_dir>/<sweep>/runs/<run_key>.parquet is the row (the run_key: harness/run_keys.py); <run_key>/
+beside it holds the per-eval history, the validation predictions, the resolved config and the saved adapter. The
+row is written last, by rename (harness/atomic.py), so its presence means the run's files are complete. Here too:
+reading rows back (a corrupt file is set aside, a column added since a row was written reads as null), and the
+provenance every row records (git state, library versions).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
-import os
 import platform
-import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from omegaconf import DictConfig, OmegaConf
 
+from harness.atomic import atomic_write_parquet
 from harness.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -73,116 +71,6 @@ SCHEMA = pa.schema(
 )
 COLUMNS = SCHEMA.names
 
-# ---- the run_key ----------------------------------------------------------------------------------------
-# run_key = hash of {key_version, the semantic config, the data fingerprint}. The semantic config is the resolved
-# config minus NOT_IN_KEY, and minus every ADDED_KEYS key whose value is the one that keeps the old behaviour.
-# To add a config key: if it says where or how a run executes (paths, workers, logging, trackers), add its dotted
-# path to NOT_IN_KEY; if it changes what a run computes, add `"group.key": <its default>` to ADDED_KEYS. Either
-# way, every committed row keeps its run_key. Changing anything else here moves keys: bump KEY_VERSION and migrate
-# the committed rows (python -m harness.migrate_keys results).
-KEY_VERSION = 2
-NOT_IN_KEY = {"results_dir", "sweep_name", "fail_fast", "save_adapter", "device", "hydra", "dry_run", "rerun", "logger",
-              "data.dir", "data.cache_dir", "train.num_workers", "train.log_every_steps", "train.eval_batch_size",
-              "variant.label", "task.label"}  # labels: display names for tables (renaming one changes no number)
-ADDED_KEYS = {"train.head_lr": None, "train.group_by_length": False, "train.selection": "eval_best",
-              "data.selection_fraction": 0.1, "init_from": None,  # warm start (issue 14)
-              "variant.frozen": False}  # DyLoRA: frozen=false (the old mode) keeps old keys; true, new ones
-
-
-# Keys that older configs had and today's do not, each with the key that now holds its value (it always held the
-# same). A config without the retired key gets it back, with that value, before hashing: committed rows and today's
-# runs of the same config share their run_key, with no migration. `adapter.impl` was a second name for the
-# implementation switch (the variant YAMLs read `impl: ${adapter.impl}`); `variant.impl` is the one name now.
-RETIRED_KEYS = {"adapter.impl": "variant.impl"}
-
-
-def semantic_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """The resolved config minus paths, devices and bookkeeping: what determines the numbers (the data aside)."""
-    full = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
-    for retired, current in RETIRED_KEYS.items():
-        restore_retired_key(full, retired, current)
-
-    def keep(path: str, value: Any) -> bool:
-        return path not in NOT_IN_KEY and not (path in ADDED_KEYS and value == ADDED_KEYS[path])
-
-    def prune(node: dict[str, Any], prefix: str) -> dict[str, Any]:
-        return {k: prune(v, f"{prefix}{k}.") if isinstance(v, dict) else v
-                for k, v in node.items() if keep(prefix + k, v)}
-
-    return prune(full, "")
-
-
-def restore_retired_key(config: dict[str, Any], retired: str, current: str) -> None:
-    """Put `retired` (a dotted path) back into `config` with the value at `current`, unless it is there already
-    (an older config) or `current` is missing."""
-    node: Any = config
-    for part in current.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return
-        node = node[part]
-    *parents, leaf = retired.split(".")
-    target = config
-    for part in parents:
-        target = target.setdefault(part, {})
-        if not isinstance(target, dict):
-            return
-    target.setdefault(leaf, node)
-
-
-def data_fingerprint(cfg: DictConfig | dict[str, Any]) -> str | None:
-    """A hash of the rows of every local split file the run reads (each split's `content_hash`, the token cache's
-    key), so that other data means another run_key; None when the data comes from the hub (a published dataset
-    is named by its hub id, which is in the task config). A missing file counts as missing: the run then fails
-    naming it."""
-    files = split_files(cfg)
-    if files is None:
-        return None
-    hashes = {split: split_fingerprint(path) for split, path in files.items()}
-    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def split_files(cfg: DictConfig | dict[str, Any]) -> dict[str, Path] | None:
-    """{split: local Parquet file} of the splits a run reads under its protocol; None for hub data."""
-    full = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    task, data = full.get("task") or {}, full.get("data") or {}
-    if not data.get("dir") or not task.get("local_subdir"):
-        return None
-    splits = list(task.get("eval_splits") or [])
-    if data.get("protocol", "standard") == "holdout" and task.get("holdout"):
-        splits.insert(0, task["holdout"]["source_split"])
-    elif task.get("train_split"):
-        splits.insert(0, task["train_split"])
-    folder = Path(data["dir"]).expanduser() / task["local_subdir"]
-    return {split: folder / f"{split}.parquet" for split in dict.fromkeys(splits)}
-
-
-_split_hashes: dict[tuple[str, int, int], str] = {}
-
-
-def split_fingerprint(path: Path) -> str:
-    """`content_hash` of one split file's rows ("missing" without the file), remembered per (path, size, mtime)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return "missing"
-    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo not in _split_hashes:
-        import datasets  # slow to import; only runs on local data need it
-
-        from harness.tasks.base import content_hash
-
-        _split_hashes[memo] = content_hash(datasets.Dataset(pq.read_table(path)))
-    return _split_hashes[memo]
-
-
-def run_key(cfg: DictConfig | dict[str, Any], fingerprint: str | None = None) -> str:
-    """The run's identity: its semantic config and its data (`fingerprint`: data_fingerprint(cfg), computed when
-    not given)."""
-    fingerprint = fingerprint if fingerprint is not None else data_fingerprint(cfg)
-    identity = {"key_version": KEY_VERSION, "config": semantic_config(cfg), "data": fingerprint}
-    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
 
 def runs_dir(results_dir: str | Path, sweep: str) -> Path:
     return Path(results_dir) / sweep / "runs"
@@ -196,45 +84,12 @@ def artifacts_dir(results_dir: str | Path, sweep: str, key: str) -> Path:
     return runs_dir(results_dir, sweep) / key
 
 
-def atomic_write_parquet(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers see all of it or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
-    try:
-        with open(tmp, "wb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def publish_folder(folder: Path, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)` into a fresh folder of its own beside `folder`, then rename it to `folder`: a reader sees a
-    complete folder or none, and two processes (or machines sharing the cache) filling it at once never write
-    into each other's files; the first rename wins and the other's identical copy is dropped."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        write(scratch / "new")
-        try:
-            (scratch / "new").rename(folder)
-        except OSError:  # another process published it first
-            if not folder.exists():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return folder
-
-
 def make_row(values: dict[str, Any]) -> pd.DataFrame:
     """A one-row frame with every column of SCHEMA (missing ones null); unknown keys are a bug, and so is an `ok`
     row holding a non-finite score (the run diverged, or its metric is undefined: it is not ok)."""
     unknown = set(values) - set(COLUMNS)
     if unknown:
-        raise KeyError(f"not results columns: {sorted(unknown)}; add them to results.SCHEMA")
+        raise KeyError(f"not results columns: {sorted(unknown)}; add them to rows.SCHEMA")
     if values.get("status") not in STATUSES:
         raise ValueError(f"status={values.get('status')!r}; expected one of {STATUSES}")
     if values["status"] == "ok" and (bad := non_finite_scores(values)):
@@ -336,28 +191,28 @@ def load_rows(*dirs: str | Path, ok_only: bool = False, flatten_config: bool = F
     if missing:
         raise DataError(f"results folder {missing[0]!r} does not exist; pass the folder a sweep wrote "
                         "(results/<sweep_name>) or one holding several sweeps (results)")
-    rows = read_rows(*dirs)
+    frame = read_rows(*dirs)
     for field in SCHEMA:  # integer columns with gaps stay integers (pandas would make them floats)
-        if pa.types.is_integer(field.type) and field.name in rows:
-            rows[field.name] = rows[field.name].astype("Int64")
+        if pa.types.is_integer(field.type) and field.name in frame:
+            frame[field.name] = frame[field.name].astype("Int64")
     if ok_only:
-        rows = rows[rows["status"] == "ok"]
-    rows = rows.reset_index(drop=True)
+        frame = frame[frame["status"] == "ok"]
+    frame = frame.reset_index(drop=True)
     if flatten_config:
-        configs = pd.json_normalize([json.loads(c) if isinstance(c, str) else {} for c in rows["config_json"]],
+        configs = pd.json_normalize([json.loads(c) if isinstance(c, str) else {} for c in frame["config_json"]],
                                     sep=".").add_prefix("config.")
-        rows = pd.concat([rows, configs.set_index(rows.index)], axis=1)
+        frame = pd.concat([frame, configs.set_index(frame.index)], axis=1)
     if with_history:
         histories = []
-        for sweep, key in zip(rows["sweep"], rows["run_key"]):
+        for sweep, key in zip(frame["sweep"], frame["run_key"]):
             folders = [Path(d) / "runs" / key for d in dirs] + [Path(d) / sweep / "runs" / key for d in dirs]
             path = next((f / "history.parquet" for f in folders if (f / "history.parquet").is_file()), None)
             if path is not None:
                 histories.append(pd.read_parquet(path).assign(sweep=sweep, run_key=key))
         if histories:
-            rows = rows.merge(pd.concat(histories, ignore_index=True), on=["sweep", "run_key"], how="left",
-                              suffixes=("", "_history"))
-    return rows
+            frame = frame.merge(pd.concat(histories, ignore_index=True), on=["sweep", "run_key"], how="left",
+                                suffixes=("", "_history"))
+    return frame
 
 
 def check_writable(results_dir: str | Path, sweep: str) -> None:
