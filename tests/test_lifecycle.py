@@ -85,7 +85,8 @@ def test_outside_the_marked_parts_a_signal_meets_the_handler_from_before_the_gua
 def test_without_a_guard_the_marks_install_nothing(own_handlers):
     """A test or notebook calling run() keeps Python's own handling: Ctrl-C is a KeyboardInterrupt, which run()
     still turns into an `interrupted` row."""
-    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, also where the runner ignores SIGINT
+    before = signal.getsignal(signal.SIGINT)                  # (a background job, an xdist worker)
     with lifecycle.interruptible():
         assert signal.getsignal(signal.SIGINT) is before
         with pytest.raises(KeyboardInterrupt):
