@@ -19,14 +19,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def atomic_write_parquet(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers see all of it or nothing."""
+def atomic_write_parquet(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None,
+                         delta_encoded: tuple[str, ...] = ()) -> None:
+    """`df` as Parquet at `path`, written whole or not at all (`atomic_write_table`)."""
+    atomic_write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False), path, delta_encoded)
+
+
+def atomic_write_table(table: pa.Table, path: Path, delta_encoded: tuple[str, ...] = ()) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: readers see all of it or nothing.
+
+    Compact, because results are committed to git: no pandas or Arrow schema copy in the footer and no column
+    statistics (a one-row file with a hundred columns is 12 KB instead of 55; readers cast to `rows.SCHEMA`), zstd,
+    and `delta_encoded` integer columns (sorted ids) stored as differences."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    table = table.replace_schema_metadata(None)
     try:
         with open(tmp, "wb") as handle:
-            pq.write_table(table, handle)
+            pq.write_table(table, handle, compression="zstd", store_schema=False, write_statistics=False,
+                           use_dictionary=[name for name in table.column_names if name not in delta_encoded],
+                           column_encoding=dict.fromkeys(delta_encoded, "DELTA_BINARY_PACKED") or None)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -216,6 +216,14 @@ def save_artifacts(setup: Assembled, outcome: TrainOutcome, artifacts: Path) -> 
     return adapter_bytes
 
 
+def write_predictions(frame: pd.DataFrame, path: Path) -> None:
+    """The predictions sorted by checkpoint, split and example, GLUE's integer ids stored as differences (MNLI's
+    35k predictions: 27 KB instead of 122); the report pairs them by id, not by position."""
+    keys = [c for c in ("checkpoint", "split", "idx", "id") if c in frame.columns]
+    frame = frame.sort_values(keys, kind="stable", ignore_index=True)
+    atomic_write_parquet(frame, path, delta_encoded=("idx",) if "idx" in frame.columns else ())
+
+
 def batch_size_that_runs(batch_size: int, train_examples: int) -> int:
     """The batch size the loop actually uses: a training set smaller than train.batch_size is one batch."""
     if batch_size > train_examples:
@@ -290,7 +298,7 @@ def finish(cfg: DictConfig, row: dict[str, Any], attempt: Attempt) -> None:
     if outcome.predictions:
         frames = [df.assign(checkpoint=name) for name, df in outcome.predictions.items()
                   if name != "selected" or outcome.selection == "heldout"]  # eval_best's is "best", last's "last"
-        atomic_write_parquet(pd.concat(frames, ignore_index=True), artifacts / "predictions.parquet")
+        write_predictions(pd.concat(frames, ignore_index=True), artifacts / "predictions.parquet")
     row["wall_seconds"] = time.time() - attempt.started  # up to the row's writing, the history's included
     path = rows.write_row(cfg.results_dir, cfg.sweep_name, row)
     attempt.tracker.close(row)

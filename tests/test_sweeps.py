@@ -367,6 +367,7 @@ def test_fail_fast_stops_the_sweep_at_the_first_failure(harness_cli):
 RUN_TRAINING = r"run ([0-9a-f]{16}): .*\n(?:.*token cache.*\n)*.*training \d+ steps"
 
 
+@pytest.mark.slow  # about a minute: CI runs it in its `-m slow` step
 def test_a_sweep_killed_midway_loses_no_row_and_repeats_no_finished_run(harness_cli):
     """SIGKILL in one sitting, SIGTERM (an `interrupted` row) in the next, then the same command to the end."""
     # ~4 s of training per run: long enough that the run seen training is still training when SIGTERM lands
@@ -486,6 +487,7 @@ def test_smoke_sweep_with_the_submitit_local_launcher(harness_cli):
     assert sorted(final) == keys and all(r["status"] == "ok" for r in final.values()), final
 
 
+@pytest.mark.slow  # about a minute: CI runs it in its `-m slow` step
 def test_a_preempted_submitit_job_writes_its_interrupted_row_and_the_sweep_goes_on(harness_cli):
     """SLURM preemption, as submitit_local runs it: SIGTERM to one job's process (found through its run lock).
     That run's row says `interrupted` and its job fails; the other job finishes; the sweep exits 1 at the end."""
@@ -524,7 +526,7 @@ def test_hpo_with_optuna_records_failed_trials_and_resumes_by_replay(harness_cli
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,expected", [("glue_variants", 1120), ("rank_ablation", 594), ("squad_variants", 72),
-                                           ("cpu_glue", 216)])
+                                           ("cpu_glue", 216), ("cpu_glue_v2", 252), ("cpu_glue_v2_rte_cold", 3)])
 def test_sweep_sizes(harness_cli, name, expected):
     done = harness_cli("dry_run=true", sweep=name, timeout=1200)
     assert done.returncode == 0, done.stderr
