@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from harness import rows, run_keys
+from harness import run as run_module
 from harness.errors import ConfigError
 from harness.run import run
 
@@ -134,3 +137,17 @@ def test_cli_default_fails_fast_offline_naming_the_overrides_that_work(tmp_path)
     assert done.returncode != 0
     assert time.monotonic() - start < 60
     assert "model=minilm" in done.stderr and "data.dir=" in done.stderr
+
+
+def test_saved_predictions_are_sorted_with_ids_stored_as_differences(tmp_path):
+    """MNLI's 35k saved predictions take 19 KB this way instead of 122: sorted by checkpoint, split and example,
+    with GLUE's integer ids delta-encoded. The report pairs predictions by id, so the order is free to choose."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"split": rng.choice(["validation_matched", "validation_mismatched"], 30_000),
+                          "idx": rng.permutation(30_000), "label": rng.integers(0, 3, 30_000),
+                          "prediction": rng.integers(0, 3, 30_000), "checkpoint": "best"})
+    run_module.write_predictions(frame, tmp_path / "predictions.parquet")
+    saved = pd.read_parquet(tmp_path / "predictions.parquet")
+    assert saved.equals(frame.sort_values(["checkpoint", "split", "idx"], ignore_index=True))
+    column = pq.ParquetFile(tmp_path / "predictions.parquet").metadata.row_group(0).column(1)
+    assert column.path_in_schema == "idx" and "DELTA_BINARY_PACKED" in column.encodings
