@@ -84,6 +84,14 @@ def artifacts_dir(results_dir: str | Path, sweep: str, key: str) -> Path:
     return runs_dir(results_dir, sweep) / key
 
 
+def adapter_file(results_dir: str | Path, sweep_name: str, key: str) -> Path | None:
+    """The adapter file a warm start from run `key` loads: its selected checkpoint (adapter_best.safetensors) when
+    that is not its last state, else adapter.safetensors; None when neither exists."""
+    artifacts = artifacts_dir(results_dir, sweep_name, key)
+    return next((p for p in (artifacts / "adapter_best.safetensors", artifacts / "adapter.safetensors")
+                 if p.exists()), None)
+
+
 def make_row(values: dict[str, Any]) -> pd.DataFrame:
     """A one-row frame with every column of SCHEMA (missing ones null); unknown keys are a bug, and so is an `ok`
     row holding a non-finite score (the run diverged, or its metric is undefined: it is not ok)."""

@@ -127,7 +127,7 @@ def source_checkpoint(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     if row["variant"] != cfg.variant.name or row.get("rank") != cfg.variant.get("r"):
         raise ConfigError(f"init_from={key}: the source is variant={row['variant']} r={row.get('rank')}, this run is "
                           f"variant={cfg.variant.name} r={cfg.variant.get('r')}; a warm start needs the same adapter")
-    path = adapter_file(cfg.results_dir, cfg.sweep_name, key)
+    path = rows.adapter_file(cfg.results_dir, cfg.sweep_name, key)
     if path is None:
         last = rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, key) / "adapter.safetensors"
         raise SourceUnavailable(f"init_from={key}: the source run (task={row['task']}) has no adapter file ({last} is "
@@ -135,14 +135,6 @@ def source_checkpoint(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
                                 "keep them); rerun it first with `rerun=true save_adapter=true` and its own overrides "
                                 "(a sweep that holds both runs does this by itself)")
     return path, row
-
-
-def adapter_file(results_dir: str | Path, sweep_name: str, key: str) -> Path | None:
-    """The adapter file a warm start from run `key` loads: its selected checkpoint (adapter_best.safetensors) when
-    that is not its last state, else adapter.safetensors; None when neither exists."""
-    artifacts = rows.artifacts_dir(results_dir, sweep_name, key)
-    return next((p for p in (artifacts / "adapter_best.safetensors", artifacts / "adapter.safetensors")
-                 if p.exists()), None)
 
 
 def load_source_adapter(model: nn.Module, head: list[str], path: Path) -> list[str]:

@@ -177,7 +177,7 @@ def test_a_sweep_over_mnli_and_rte_trains_mnli_first_and_rte_from_it(harness_cli
     assert again.returncode == 0, again.stderr
     found = rows.read_rows(harness_cli.results / "warm").set_index("task")
     assert found.loc["mnli", "status"] == found.loc["rte", "status"] == "ok"
-    assert found.loc["rte", "init_from"] == mnli_key and warm_start.adapter_file(harness_cli.results, "warm", mnli_key)
+    assert found.loc["rte", "init_from"] == mnli_key and rows.adapter_file(harness_cli.results, "warm", mnli_key)
 
 
 def test_an_ok_source_without_its_adapter_runs_again_only_while_a_job_needs_it():

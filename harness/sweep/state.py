@@ -50,9 +50,7 @@ def job_state(cfg: DictConfig, overrides: list[str]) -> JobState:
     if row is None:
         return JobState(list(overrides), key, "todo")
     status = "nan" if row["status"] == "ok" and not rows.is_done(row) else row["status"]  # ok, with a NaN score
-    from harness import warm_start  # torch: not for the sweeper's own startup
-
-    has_adapter = warm_start.adapter_file(cfg.results_dir, cfg.sweep_name, key) is not None
+    has_adapter = rows.adapter_file(cfg.results_dir, cfg.sweep_name, key) is not None
     return JobState(list(overrides), key, status, row.get("device"), has_adapter=has_adapter)
 
 
