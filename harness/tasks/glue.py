@@ -21,7 +21,7 @@ class GlueTask(Task):
     def validate(self) -> None:
         super().validate()
         columns = list(self.cfg.text_columns)
-        require(1 <= len(columns) <= 2, f"task.text_columns", columns, "one column or a pair")
+        require(1 <= len(columns) <= 2, "task.text_columns", columns, "one column or a pair")
         require(self.primary_metric in self.cfg.metrics, "task.primary_metric", self.primary_metric,
                 f"one of task.metrics {list(self.cfg.metrics)}")
 
