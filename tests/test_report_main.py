@@ -49,3 +49,16 @@ def test_check_does_not_import_the_training_stack(report_rows_dir, report_writte
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout
+
+
+def test_check_scores_at_the_selection_the_report_was_written_with(report_rows_dir, tmp_path, capsys):
+    """A report written with --selection last is checked with --selection last: without it --check regenerates
+    the papers' eval_best table, says it differs and that the report may have been written with other options."""
+    args = [str(report_rows_dir), "--out", str(tmp_path / "last"), "--resamples", "200"]
+    assert main([*args, "--selection", "last", "--no-plots"]) == 0
+    assert main([*args, "--selection", "last", "--check"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "table.md differs" in out and "other options than --selection eval_best" in out
+    assert f"python -m harness.report {report_rows_dir} --out {tmp_path / 'last'}`" in out

@@ -20,7 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", help="results folders: results/<sweep> or a folder of sweeps")
     parser.add_argument("--out", help="where the report goes (default: <dir>/report; required for several dirs)")
     parser.add_argument("--check", action="store_true",
-                        help="regenerate the tables and exit 1 with a diff when the committed ones differ")
+                        help="regenerate the tables (with the same --selection) and exit 1 with a diff when the committed "
+                             "ones differ")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     parser.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples (default %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED, help="bootstrap seed (default %(default)s)")
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(inflation_table(load(*args.dirs)), end="")
             return 0
         if args.check:
-            return 0 if check(args.dirs, args.out, args.resamples, args.seed) else 1
+            return 0 if check(args.dirs, args.out, args.resamples, args.seed, selection=args.selection) else 1
         out = write_report(args.dirs, args.out, not args.no_plots, args.resamples, args.seed, args.selection)
     except ReportError as err:
         print(f"harness.report: {err}", file=sys.stderr)

@@ -84,11 +84,12 @@ def default_out(dirs: Sequence[str | Path]) -> Path:
 
 
 def check(dirs: Sequence[str | Path], out: str | Path | None = None, resamples: int = RESAMPLES,
-          seed: int = SEED, stream=None) -> bool:
-    """Regenerate the text outputs and compare them with the ones in `out`; print a diff; True if equal."""
+          seed: int = SEED, stream=None, selection: str = "eval_best") -> bool:
+    """Regenerate the text outputs (scored at `selection`, as the committed report must have been) and compare
+    them with the ones in `out`; print a diff; True if equal."""
     stream = sys.stdout if stream is None else stream
     out = default_out(dirs) if out is None else Path(out)
-    texts, _ = build(load(*dirs), resamples, seed)
+    texts, _ = build(load(*dirs), resamples, seed, selection=selection)
     committed = {p.name for p in out.glob("*") if p.suffix in TEXT_SUFFIXES} if out.is_dir() else set()
     same = True
     for name in sorted(set(texts) | committed):
@@ -102,6 +103,9 @@ def check(dirs: Sequence[str | Path], out: str | Path | None = None, resamples: 
             stream.writelines(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
                                                    f"committed/{name}", f"regenerated/{name}"))
     if not same:
-        print(f"--check: the committed report is out of date; regenerate it with "
-              f"`python -m harness.report {' '.join(map(str, dirs))}` and commit it", file=stream)
+        options = ([] if len(dirs) == 1 and out == default_out(dirs) else ["--out", str(out)]) + \
+            ([] if selection == "eval_best" else ["--selection", selection])
+        print(f"--check: the committed report is out of date (or was written with other options than "
+              f"--selection {selection}); regenerate it with "
+              f"`python -m harness.report {' '.join(map(str, [*dirs, *options]))}` and commit it", file=stream)
     return same
