@@ -131,3 +131,34 @@ def test_inflation_table_is_best_minus_last_in_points(report_rows_dir):
     expected = ((lora4.score_best - lora4.score_last) * 100).median()
     line = next(l for l in text.splitlines() if l.startswith("| LoRA | 4 |"))
     assert line.split("|")[3].strip() == f"{expected:.1f}"  # columns: method, r, RTE, STS-B
+
+
+def test_warm_and_cold_runs_of_one_method_get_a_row_each(make_cfg, tmp_path):
+    """LoRA's RTE from its MNLI run (one sweep) beside LoRA's RTE without it (another sweep): one report shows
+    the warm cells with ‡ and the cold runs as "LoRA (no warm start)", never mixed into one cell as seeds; the
+    efficiency table keeps one row per method."""
+    from harness.run import run
+
+    def results(sweep, *overrides):
+        row = run(make_cfg(*overrides, "train.max_steps=2", f"sweep_name={sweep}"))
+        assert row["status"] == "ok", row.get("error")
+
+    for seed in (0, 1):
+        results("warm", "task=mnli", "data.protocol=holdout", f"seed={seed}")
+        results("warm", "task=rte", "init_from=mnli", f"seed={seed}")
+        results("cold", "task=rte", f"seed={seed}")
+    folder = tmp_path / "results"
+    rows = report.load(folder / "warm", folder / "cold")
+    table = report.paper_table(rows, resamples=50)
+    assert table.groups.group.str.endswith("|no warm start").sum() == 1
+    warm_group, cold_group = table.groups.group
+    assert table.cell(warm_group, "RTE").warm and table.cell(warm_group, "RTE").n_seeds == 2
+    assert not table.cell(warm_group, "MNLI-m").warm
+    assert not table.cell(cold_group, "RTE").warm and table.cell(cold_group, "RTE").n_seeds == 2
+    assert table.cell(cold_group, "MNLI-m") is None
+    text = report.markdown(report.results_grid(table))
+    assert "| LoRA (no warm start) | 8 |" in text and "‡ Warm start" in text
+    assert [line.count("‡") for line in text.splitlines() if line.startswith("| LoRA")] == [1, 0]
+    assert len(report.efficiency_frame(rows)) == 1
+    # one sweep alone: no split, no extra row
+    assert len(report.paper_table(report.load(folder / "cold"), resamples=50).groups) == 1

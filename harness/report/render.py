@@ -25,6 +25,7 @@ class Cell:
     dagger: bool = False
     note: str = ""
     degenerate: bool = False  # ° : some run of the cell predicts a constant
+    warm: bool = False  # ‡ : the cell's runs started from another run's adapter (init_from)
     grey: bool = False  # a column where every run is degenerate
 
 
@@ -84,6 +85,7 @@ def markdown(grid: Grid) -> str:
             text = f"**{text}**"
         text += f" ± {cell.std}" if cell.std else ""
         text += "†" if cell.dagger else ""
+        text += "‡" if cell.warm else ""
         text += "°" if cell.degenerate else ""
         text += f" ({cell.note})" if cell.note else ""
         return f'<span style="color:gray">{text}</span>' if cell.grey else text
@@ -102,7 +104,7 @@ def markdown(grid: Grid) -> str:
 
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                 "±": r"$\pm$", "†": r"$^\dagger$", "–": "--", "—": "---", "≥": r"$\geq$", "≤": r"$\leq$",
+                 "±": r"$\pm$", "†": r"$^\dagger$", "‡": r"$^\ddagger$", "–": "--", "—": "---", "≥": r"$\geq$", "≤": r"$\leq$",
                  "×": r"$\times$", "−": "-", "…": r"\ldots{}"}
 
 
@@ -121,6 +123,7 @@ def latex(grid: Grid) -> str:
             text = rf"\textbf{{{text}}}"
         text += rf"$_{{\pm {cell.std}}}$" if cell.std else ""
         text += r"$^\dagger$" if cell.dagger else ""
+        text += r"$^\ddagger$" if cell.warm else ""
         text += r"$^\circ$" if cell.degenerate else ""
         text += rf"\textsuperscript{{{latex_escape(cell.note)}}}" if cell.note else ""
         return rf"\textcolor{{gray}}{{{text}}}" if cell.grey else text
@@ -156,7 +159,8 @@ SELECTION_CAPTIONS = {
 def row_label_cells(groups: pd.DataFrame, row) -> list[Cell]:
     """Model (when several), method, rank, impl (when peft rows exist)."""
     cells = [Cell(str(row.model))] if groups.model.nunique() > 1 else []
-    cells += [Cell(variant_label(row.variant)), Cell("–" if pd.isna(row["rank"]) else str(int(row["rank"])))]
+    label = variant_label(row.variant) + (f" ({row['start']})" if row.get("start") else "")
+    cells += [Cell(label), Cell("–" if pd.isna(row["rank"]) else str(int(row["rank"])))]
     cells += [Cell(str(row.impl))] if set(groups.impl) != {"ours"} else []
     return cells
 
@@ -190,7 +194,8 @@ def results_grid(table: PaperTable) -> Grid:
             line.append(Cell(fixed(cell["median"]), std="" if pd.isna(cell["std"]) else fixed(cell["std"]),
                              bold=bool(cell.best), underline=bool(pd.notna(cell.tied) and cell.tied and not cell.best),
                              dagger=bool(cell.holdout) and label not in holdout_columns, note=note,
-                             degenerate=bool(cell.get("degenerate", 0)), grey=bool(cell.get("dead", False))))
+                             degenerate=bool(cell.get("degenerate", 0)), grey=bool(cell.get("dead", False)),
+                             warm=bool(cell.get("warm", False))))
         body.append(line)
     models = sorted(set(table.groups.model))
     metrics = "; ".join(f"{task_label(t)} {describe_metrics(table.columns, t)}"
@@ -210,6 +215,10 @@ def results_grid(table: PaperTable) -> Grid:
                  "variance): a degenerate run, scored at the majority class (MCC 0, correlation undefined); ° marks "
                  "the cells that hold one." + (f" Greyed out and left out of Avg.: {', '.join(dead)}, where every "
                                               "run is degenerate." if dead else ""))
+    if "warm" in table.cells and table.cells.warm.fillna(False).astype(bool).any():
+        notes.append("‡ Warm start: each run started from the trained adapter (not the head) of the same method and "
+                     "seed's run on another task (init_from: the LoRA paper starts MRPC, RTE and STS-B "
+                     "from MNLI); a row marked (no warm start) holds that method's runs without it.")
     notes += [f"Warning: {line}." for line in table.budgets]
     if table.protocols:
         notes.append("† Non-standard protocol (data.protocol=holdout), not comparable with published dev-set scores: "

@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 def load(*dirs: str | Path) -> pd.DataFrame:
     """Every row under `dirs` (all statuses), with the columns the report adds.
 
-    Added: `group` (model|variant|rank|impl, the table's row key), `holdout` (the row's protocol is not
-    the standard split), `kind` (task kind from the row's config: glue, squad, ...) and `artifacts` (the
-    folder with the run's history and predictions).
+    Added: `group` (model|variant|rank|impl, the table's row key), `start` (NO_WARM_START for the runs that
+    get their own table row by `split_cold_starts`, else ""), `holdout` (the row's protocol is not the
+    standard split), `kind` (task kind from the row's config: glue, squad, ...) and `artifacts` (the folder
+    with the run's history and predictions).
     """
     if not dirs:
         raise ReportError("give at least one results folder, e.g. `python -m harness.report results/cpu_glue`")
@@ -54,6 +55,7 @@ def load(*dirs: str | Path) -> pd.DataFrame:
     rows["kind"] = [json.loads(c).get("task", {}).get("kind") if isinstance(c, str) else None
                     for c in rows["config_json"]]
     rows["group"] = [group_key(m, v, r, i) for m, v, r, i in zip(rows.model, rows.variant, rows["rank"], rows.impl)]
+    rows = split_cold_starts(rows)
     rows["artifacts"] = [str(find_artifacts(dirs, sweep, key)) for sweep, key in zip(rows.sweep, rows.run_key)]
     order = sorted(range(len(rows)), key=lambda i: (group_sort_key(rows.iloc[i]), str(rows.task.iloc[i]),
                                                     int(rows.seed.iloc[i]) if pd.notna(rows.seed.iloc[i]) else -1,
@@ -71,12 +73,37 @@ def group_key(model, variant, rank, impl) -> str:
     return f"{model}|{variant}|{'' if pd.isna(rank) else int(rank)}|{impl}"
 
 
+NO_WARM_START = "no warm start"
+
+
+def warm_started(rows: pd.DataFrame) -> pd.Series:
+    """Whether each run started from another run's adapter (init_from: MNLI's, for MRPC/RTE/STS-B)."""
+    return rows["init_from"].fillna("").astype(str).str.len().gt(0) if "init_from" in rows else \
+        pd.Series(False, index=rows.index)
+
+
+def split_cold_starts(rows: pd.DataFrame) -> pd.DataFrame:
+    """Where a method has both warm-started and cold runs of one task (a sweep with init_from beside one
+    without, as cpu_glue_v2 and cpu_glue_v2_rte_cold), the cold runs become a row of their own, labelled
+    `NO_WARM_START`, instead of being mixed into one cell as if they were seeds."""
+    warm = warm_started(rows)
+    ok = rows.status == "ok"
+    both = (ok & warm).groupby([rows.group, rows.task]).transform("any") & \
+        (ok & ~warm).groupby([rows.group, rows.task]).transform("any")
+    cold = both & ~warm
+    rows["start"] = np.where(cold, NO_WARM_START, "")
+    rows.loc[cold, "group"] = rows.loc[cold, "group"] + f"|{NO_WARM_START}"
+    return rows
+
+
 def group_sort_key(row) -> tuple:
-    """Model, then the baselines in the paper's order, then the other variants by name, rank and impl."""
+    """Model, then the baselines in the paper's order, then the other variants by name, rank and impl (a
+    method's runs without warm start right after it)."""
     variant = row["variant"]
     position = VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER)
     rank = -1 if pd.isna(row["rank"]) else int(row["rank"])
-    return (str(row["model"]), position, str(variant), rank, row["impl"] != "ours", str(row["impl"]))
+    return (str(row["model"]), position, str(variant), rank, row["impl"] != "ours", str(row["impl"]),
+            str(row.get("start", "")))
 
 
 def select(rows: pd.DataFrame, tasks: Iterable[str] | None = None, variants: Iterable[str] | None = None,

@@ -15,7 +15,7 @@ import pandas as pd
 from harness.errors import ReportError
 from harness.report.labels import (COMPANIONS, EXTRAS, TASK_ORDER, column_label, task_label, task_position,
                                    variant_label)
-from harness.report.rows import SELECTIONS, failures, ok_rows, read_predictions
+from harness.report.rows import NO_WARM_START, SELECTIONS, failures, ok_rows, read_predictions, warm_started
 from harness.report.statistics import BOOTSTRAP_SCALE, LEVEL, RESAMPLES, SEED, paired_bootstrap
 
 
@@ -126,7 +126,7 @@ def paper_table(rows: pd.DataFrame, extra_metrics: bool = False, resamples: int 
                           "min": values.min() if len(values) else np.nan,
                           "max": values.max() if len(values) else np.nan,
                           "seeds": ";".join(f"{int(s)}:{v:.6f}" for s, v in zip(part.seed[values.index], values)),
-                          "holdout": bool(part.holdout.any()),
+                          "holdout": bool(part.holdout.any()), "warm": bool(warm_started(part).any()),
                           "degenerate": int((part.degenerate == True).sum()) if "degenerate" in part else 0})  # noqa: E712
     cells = pd.DataFrame(cells)
     # Float noise (an MCC of -1e-17) must neither pick the bold cell nor print as -0.0.
@@ -155,7 +155,8 @@ def group_frame(ok: pd.DataFrame) -> pd.DataFrame:
     first = ok.drop_duplicates("group")
     params = ok.groupby("group").trainable_params_no_head.agg(["min", "max"])
     frame = pd.DataFrame({"group": first.group, "model": first.model, "variant": first.variant,
-                          "rank": first["rank"], "impl": first.impl}).reset_index(drop=True)
+                          "rank": first["rank"], "impl": first.impl,
+                          "start": first.get("start", pd.Series("", index=first.index))}).reset_index(drop=True)
     frame["params_min"] = frame.group.map(params["min"]).astype("int64")
     frame["params_max"] = frame.group.map(params["max"]).astype("int64")
     return frame
@@ -173,7 +174,7 @@ def average_cells(cells: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
                     "n_seeds": int(mine.n_seeds.min()) if len(mine) else 0,
                     "median": float(mine["median"].mean()) if complete else np.nan, "std": np.nan,
                     "min": np.nan, "max": np.nan, "seeds": "", "holdout": bool(mine.holdout.any()),
-                    "degenerate": 0, "dead": False})
+                    "warm": False, "degenerate": 0, "dead": False})
     return pd.DataFrame(out)
 
 
@@ -284,6 +285,8 @@ def efficiency_frame(rows: pd.DataFrame, task: str | None = None) -> pd.DataFram
         ok = ok[ok.task == task]
     if ok.empty:
         raise ReportError(f"no ok rows{' for task ' + task if task else ''} to measure")
+    if "start" in ok:  # a warm start changes the scores, not the cost: one efficiency row per method
+        ok = ok.assign(group=ok.group.str.removesuffix(f"|{NO_WARM_START}"), start="")
     ok = ok.assign(
         peak_memory_bytes=ok.cuda_peak_allocated_bytes.fillna(ok.cpu_peak_rss_bytes),
         peak_memory_kind=np.where(ok.cuda_peak_allocated_bytes.notna(), "CUDA allocated", "CPU RSS"),
