@@ -12,6 +12,8 @@ and writes next to them (`<dir>/report/`, or `--out`):
                                   implementation when peft rows exist), trainable parameters without the head,
                                   one column per task's metric, the average; median over seeds ± std, best
                                   in bold, variants a paired bootstrap cannot tell from the best underlined
+  comparison.md / .tex / .csv     each row minus LoRA per column, with its paired-bootstrap interval
+  first_evaluation.md/.tex/.csv   each row's score at its first evaluation (how fast it gets there)
   efficiency.md / .tex / .csv     throughput, measured peak memory, the exact memory account, adapter size
   param_counts.md / .tex / .csv   our trainable-parameter counts of roberta-base/large next to the papers'
   plots/*.png, plots/*.svg        score vs rank, score vs parameters (Pareto front), efficiency, training
@@ -20,6 +22,8 @@ and writes next to them (`<dir>/report/`, or `--out`):
 
 Only `ok` rows enter the tables; the others are listed under the results table. Cells with a degenerate run
 (constant predictions) are marked °; a column where every run is degenerate is greyed out and left out of Avg.
+Cells whose runs started from another run's adapter (init_from) are marked ‡; a method's runs without that warm
+start, reported beside warm ones, get a row of their own, "(no warm start)".
 Everything is a function of the committed rows (and, for parameter counts, of the code) and is deterministic,
 so `--check` can regenerate the text outputs in CI and compare them byte for byte. The notebook
 notebooks/compare_variants.ipynb calls the same functions (`load`, `select`, `paper_table`, ...).
@@ -29,6 +33,7 @@ The modules, in the order a report is made:
   statistics   the paired bootstrap that marks which rows the best one cannot be told from
   tables       the numbers of the results table, the efficiency table and the parameter counts
   render       those tables as Markdown, LaTeX and CSV
+  comparison   each method against LoRA, and the first-evaluation (convergence) table
   plots        the figures
   build        every output at once: write them (write_report) or compare them with the committed ones (check)
   __main__     the command line

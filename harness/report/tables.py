@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,29 +205,14 @@ def mark_ties(cells: pd.DataFrame, ok: pd.DataFrame, columns: list[Column], resa
                          diff_high=np.nan, p_at_least_as_good=np.nan, examples=pd.array([pd.NA] * len(cells),
                                                                                        dtype="Int64"))
     untested = []
-    cache: dict[tuple[str, str | None], pd.DataFrame | None] = {}
-
-    checkpoint = str(ok.checkpoint.iloc[0]) if "checkpoint" in ok and len(ok) else "best"  # --selection
-
-    def predictions(artifacts: str, split: str | None):
-        if (artifacts, split) not in cache:
-            cache[(artifacts, split)] = read_predictions(artifacts, checkpoint, split)
-        return cache[(artifacts, split)]
-
+    predictions = prediction_reader(ok)
     for column in columns:
         for model in sorted(set(ok.model)):
             mine = cells[(cells.column == column.label) & (cells.model == model)].dropna(subset=["median"])
             if mine.empty:
                 continue
             reference = mine[mine.best].group.iloc[0]
-            frames, missing = {}, []
-            for group in mine.group:
-                runs = ok[(ok.group == group) & (ok.task == column.task)]
-                found = [predictions(a, column.split) for a in runs.artifacts]
-                if any(f is None or f.empty for f in found):
-                    missing.append(group)
-                else:
-                    frames[group] = found
+            frames, missing = cell_predictions(ok, mine.group, column, predictions)
             if reference not in frames:
                 untested.append(f"{column.label}: the best row has no saved predictions, nothing tested")
                 continue
@@ -250,6 +235,34 @@ def mark_ties(cells: pd.DataFrame, ok: pd.DataFrame, columns: list[Column], resa
             cells.loc[rows, ["diff_low", "diff_high", "p_at_least_as_good"]] = (
                 cells.loc[rows, ["diff_low", "diff_high", "p_at_least_as_good"]].astype(float).round(4) + 0.0)
     return cells, untested
+
+
+def prediction_reader(ok: pd.DataFrame) -> Callable[[str, str | None], pd.DataFrame | None]:
+    """read_predictions(artifacts, checkpoint, split) at the rows' --selection checkpoint, each file read once."""
+    checkpoint = str(ok.checkpoint.iloc[0]) if "checkpoint" in ok and len(ok) else "best"
+    cache: dict[tuple[str, str | None], pd.DataFrame | None] = {}
+
+    def predictions(artifacts: str, split: str | None) -> pd.DataFrame | None:
+        if (artifacts, split) not in cache:
+            cache[(artifacts, split)] = read_predictions(artifacts, checkpoint, split)
+        return cache[(artifacts, split)]
+
+    return predictions
+
+
+def cell_predictions(ok: pd.DataFrame, groups: Iterable[str], column: Column, predictions: Callable
+                     ) -> tuple[dict[str, list[pd.DataFrame]], list[str]]:
+    """Per group, the prediction frames of its runs (one per seed) for `column`; and the groups with a run
+    whose predictions were not saved (those cannot be tested)."""
+    frames, missing = {}, []
+    for group in groups:
+        runs = ok[(ok.group == group) & (ok.task == column.task)]
+        found = [predictions(a, column.split) for a in runs.artifacts]
+        if any(f is None or f.empty for f in found):
+            missing.append(group)
+        else:
+            frames[group] = found
+    return frames, missing
 
 
 def head_note(ok: pd.DataFrame) -> str:
