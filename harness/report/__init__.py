@@ -41,6 +41,7 @@ The modules, in the order a report is made:
 
 from harness.errors import ReportError
 from harness.report.build import build, check, default_out, index_page, write_report
+from harness.report.comparison import against_reference, comparison_grid, first_evaluation_grid, first_evaluations
 from harness.report.labels import (COLUMN_LABELS, COMPANIONS, EXTRAS, METRIC_LABELS, TASK_ORDER, VARIANT_ORDER,
                                    column_label, config_labels, task_label, task_position, variant_label)
 from harness.report.plots import (pareto_front, planned_plots, plot_efficiency, plot_rank_curve, plot_score_vs_params,
@@ -56,7 +57,8 @@ from harness.report.tables import (Column, PaperTable, budget_warnings, efficien
 __all__ = [
     "COLUMN_LABELS", "COMPANIONS", "EXTRAS", "LEVEL", "METRIC_LABELS", "RESAMPLES", "SEED", "TASK_ORDER",
     "SELECTIONS", "VARIANT_ORDER", "apply_selection", "budget_warnings", "degenerate_at", "inflation_table",
-    "Cell", "Column", "Grid", "PaperTable", "ReportError", "build", "check", "column_label",
+    "Cell", "Column", "Grid", "PaperTable", "ReportError", "against_reference", "build", "check", "column_label",
+    "comparison_grid", "first_evaluation_grid", "first_evaluations",
     "config_labels", "csv_text", "default_out", "efficiency_frame", "efficiency_grid", "failures", "fixed",
     "format_count", "format_sig", "group_key", "histories", "index_page", "latex", "load", "markdown", "ok_rows",
     "paired_bootstrap", "paper_table", "param_count_frame", "param_count_grid", "pareto_front", "planned_plots",
