@@ -61,4 +61,4 @@ def test_check_scores_at_the_selection_the_report_was_written_with(report_rows_d
     assert main([*args, "--check"]) == 1
     out = capsys.readouterr().out
     assert "table.md differs" in out and "other options than --selection eval_best" in out
-    assert f"python -m harness.report {report_rows_dir} --out {tmp_path / 'last'}`" in out
+    assert f"python -m harness.report {report_rows_dir} --out {tmp_path / 'last'} --resamples 200`" in out

@@ -119,7 +119,9 @@ def check(dirs: Sequence[str | Path], out: str | Path | None = None, resamples: 
                                                    f"committed/{name}", f"regenerated/{name}"))
     if not same:
         options = ([] if len(dirs) == 1 and out == default_out(dirs) else ["--out", str(out)]) + \
-            ([] if selection == "eval_best" else ["--selection", selection])
+            ([] if selection == "eval_best" else ["--selection", selection]) + \
+            ([] if resamples == RESAMPLES else ["--resamples", str(resamples)]) + \
+            ([] if seed == SEED else ["--seed", str(seed)])
         print(f"--check: the committed report is out of date (or was written with other options than "
               f"--selection {selection}); regenerate it with "
               f"`python -m harness.report {' '.join(map(str, [*dirs, *options]))}` and commit it", file=stream)

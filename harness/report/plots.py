@@ -54,6 +54,12 @@ def figure(panels: int, columns: int = 3, width: float = 4.2, height: float = 3.
     return fig, list(axes[:panels])
 
 
+def warm_or_only(groups: pd.DataFrame) -> pd.DataFrame:
+    """The table's rows without the "(no warm start)" ones: a plot draws one series per variant (the tables
+    show both)."""
+    return groups[groups.start == ""] if "start" in groups else groups
+
+
 def variant_styles(groups: pd.DataFrame) -> dict[str, dict]:
     """A fixed colour and marker per variant (and impl), in table order, so every plot agrees."""
     names = list(dict.fromkeys(zip(groups.variant, groups.impl)))
@@ -112,7 +118,7 @@ def finish_axes(ax, title: str, xlabel: str, ylabel: str, min_span: float = 1.0)
 def plot_score_vs_rank(table: PaperTable):
     """Median score (± std over seeds) against rank, one line per rank-using variant, one panel per task;
     rank-free variants are horizontal dashed lines."""
-    groups = table.groups
+    groups = warm_or_only(table.groups)
     styles = variant_styles(groups)
     panels = score_panels(table)
     fig, axes = figure(len(panels))
@@ -156,7 +162,7 @@ def plot_score_vs_params(table: PaperTable):
     Head-only training has no parameters beyond the head, which a log axis cannot place: it is a dotted line,
     and it takes part in the front (a variant scoring no better than it is not on the front).
     """
-    groups = table.groups
+    groups = warm_or_only(table.groups)
     styles = variant_styles(groups)
     panels = score_panels(table)
     fig, axes = figure(len(panels))
@@ -231,7 +237,7 @@ def plot_training_curves(rows: pd.DataFrame, history: pd.DataFrame | None = None
     history = histories(rows) if history is None else history
     if history.empty:
         raise ReportError("no history.parquet beside the ok rows: nothing to plot")
-    groups = group_frame(ok_rows(rows))
+    groups = warm_or_only(group_frame(ok_rows(rows)))
     styles = variant_styles(groups)
     run_ranks = sorted(groups["rank"].dropna().unique().tolist())
     ranks = set(run_ranks[(len(run_ranks) - 1) // 2: (len(run_ranks) - 1) // 2 + 1] if ranks is None else ranks)
@@ -279,7 +285,7 @@ def plot_rank_curve(rows: pd.DataFrame, scores: pd.DataFrame | None = None):
     scores = rank_scores(rows) if scores is None else scores
     if scores.empty:
         raise ReportError("no row has rank_scores_json (DyLoRA's per-rank scores): nothing to plot")
-    groups = group_frame(ok_rows(rows))
+    groups = warm_or_only(group_frame(ok_rows(rows)))
     styles = variant_styles(groups)
     tasks = sorted(set(scores.task), key=task_position)
     fig, axes = figure(len(tasks))

@@ -165,6 +165,12 @@ def row_label_cells(groups: pd.DataFrame, row) -> list[Cell]:
     return cells
 
 
+def params_cell(row) -> Cell:
+    """A table row's trainable parameters without the head: one count, or the range over its runs."""
+    return Cell(format_count(row.params_min) if row.params_min == row.params_max
+                else f"{format_count(row.params_min)}–{format_count(row.params_max)}")
+
+
 def row_label_header(groups: pd.DataFrame) -> list[Cell]:
     cells = [Cell("Model")] if groups.model.nunique() > 1 else []
     cells += [Cell("Method"), Cell("r")]
@@ -182,9 +188,7 @@ def results_grid(table: PaperTable) -> Grid:
     body = []
     for row in table.groups.itertuples(index=False):
         row = pd.Series(row._asdict())
-        params = (format_count(row.params_min) if row.params_min == row.params_max
-                  else f"{format_count(row.params_min)}–{format_count(row.params_max)}")
-        line = row_label_cells(table.groups, row) + [Cell(params)]
+        line = row_label_cells(table.groups, row) + [params_cell(row)]
         for label in labels:
             cell = table.cell(row.group, label)
             if cell is None or pd.isna(cell["median"]):

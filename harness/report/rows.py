@@ -26,10 +26,9 @@ log = logging.getLogger(__name__)
 def load(*dirs: str | Path) -> pd.DataFrame:
     """Every row under `dirs` (all statuses), with the columns the report adds.
 
-    Added: `group` (model|variant|rank|impl, the table's row key), `start` (NO_WARM_START for the runs that
-    get their own table row by `split_cold_starts`, else ""), `holdout` (the row's protocol is not the
+    Added: `group` (model|variant|rank|impl, the table's row key), `holdout` (the row's protocol is not the
     standard split), `kind` (task kind from the row's config: glue, squad, ...) and `artifacts` (the folder
-    with the run's history and predictions).
+    with the run's history and predictions). `ok_rows` adds `start` and splits cold runs off (`split_cold_starts`).
     """
     if not dirs:
         raise ReportError("give at least one results folder, e.g. `python -m harness.report results/cpu_glue`")
@@ -55,7 +54,6 @@ def load(*dirs: str | Path) -> pd.DataFrame:
     rows["kind"] = [json.loads(c).get("task", {}).get("kind") if isinstance(c, str) else None
                     for c in rows["config_json"]]
     rows["group"] = [group_key(m, v, r, i) for m, v, r, i in zip(rows.model, rows.variant, rows["rank"], rows.impl)]
-    rows = split_cold_starts(rows)
     rows["artifacts"] = [str(find_artifacts(dirs, sweep, key)) for sweep, key in zip(rows.sweep, rows.run_key)]
     order = sorted(range(len(rows)), key=lambda i: (group_sort_key(rows.iloc[i]), str(rows.task.iloc[i]),
                                                     int(rows.seed.iloc[i]) if pd.notna(rows.seed.iloc[i]) else -1,
@@ -82,18 +80,18 @@ def warm_started(rows: pd.DataFrame) -> pd.Series:
         pd.Series(False, index=rows.index)
 
 
-def split_cold_starts(rows: pd.DataFrame) -> pd.DataFrame:
-    """Where a method has both warm-started and cold runs of one task (a sweep with init_from beside one
-    without, as cpu_glue_v2 and cpu_glue_v2_rte_cold), the cold runs become a row of their own, labelled
-    `NO_WARM_START`, instead of being mixed into one cell as if they were seeds."""
-    warm = warm_started(rows)
-    ok = rows.status == "ok"
-    both = (ok & warm).groupby([rows.group, rows.task]).transform("any") & \
-        (ok & ~warm).groupby([rows.group, rows.task]).transform("any")
-    cold = both & ~warm
-    rows["start"] = np.where(cold, NO_WARM_START, "")
-    rows.loc[cold, "group"] = rows.loc[cold, "group"] + f"|{NO_WARM_START}"
-    return rows
+def split_cold_starts(ok: pd.DataFrame) -> pd.DataFrame:
+    """Where a method has both warm-started and cold runs of one task among the `ok` rows (a sweep with
+    init_from beside one without, as cpu_glue_v2 and cpu_glue_v2_rte_cold), the cold runs become a row of their
+    own, `start` = NO_WARM_START, instead of being mixed into one cell as if they were seeds. Decided on the rows
+    given, so a selection that drops the warm runs leaves the cold ones in the method's own row."""
+    ok = ok.assign(group=ok.group.str.removesuffix(f"|{NO_WARM_START}"))
+    warm = warm_started(ok)
+    keys = [ok.group, ok.task.fillna("")]
+    cold = ~warm & warm.groupby(keys).transform("any") & (~warm).groupby(keys).transform("any")
+    ok["start"] = np.where(cold, NO_WARM_START, "")
+    ok.loc[cold, "group"] = ok.loc[cold, "group"] + f"|{NO_WARM_START}"
+    return ok
 
 
 def group_sort_key(row) -> tuple:
@@ -128,8 +126,9 @@ def select(rows: pd.DataFrame, tasks: Iterable[str] | None = None, variants: Ite
 
 
 def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    """The `ok` rows, after checking that no table cell would mix two configurations as if they were seeds."""
-    ok = rows[rows.status == "ok"].reset_index(drop=True)
+    """The `ok` rows, cold runs beside warm ones split off (`split_cold_starts`), after checking that no table
+    cell would mix two configurations as if they were seeds."""
+    ok = split_cold_starts(rows[rows.status == "ok"].reset_index(drop=True))
     duplicated = ok[ok.duplicated(["group", "task", "seed"], keep=False)]
     if not duplicated.empty:
         first = duplicated.groupby(["group", "task", "seed"], sort=True).head(2).head(2)

@@ -120,17 +120,11 @@ def paper_table(rows: pd.DataFrame, extra_metrics: bool = False, resamples: int 
         for group, part in of_task.groupby("group", sort=False):
             values = (part[f"metric_{column.metric}"] * column.scale).dropna()
             cells.append({"group": group, "column": column.label, "task": column.task, "metric": column.metric,
-                          "primary": column.primary, "n_seeds": len(values),
-                          "median": values.median() if len(values) else np.nan,
-                          "std": values.std(ddof=1) if len(values) > 1 else np.nan,
-                          "min": values.min() if len(values) else np.nan,
-                          "max": values.max() if len(values) else np.nan,
+                          "primary": column.primary, **seed_statistics(values),
                           "seeds": ";".join(f"{int(s)}:{v:.6f}" for s, v in zip(part.seed[values.index], values)),
                           "holdout": bool(part.holdout.any()), "warm": bool(warm_started(part).any()),
                           "degenerate": int((part.degenerate == True).sum()) if "degenerate" in part else 0})  # noqa: E712
     cells = pd.DataFrame(cells)
-    # Float noise (an MCC of -1e-17) must neither pick the bold cell nor print as -0.0.
-    cells[["median", "std", "min", "max"]] = cells[["median", "std", "min", "max"]].round(9) + 0.0
     # A column where every run of every row is degenerate measures nothing: greyed out, left out of the average.
     cells["dead"] = cells.groupby("column")[["degenerate", "n_seeds"]].transform("sum").pipe(
         lambda sums: sums.degenerate.ge(sums.n_seeds) & sums.n_seeds.gt(0))
@@ -150,13 +144,28 @@ def paper_table(rows: pd.DataFrame, extra_metrics: bool = False, resamples: int 
                       untested, resamples, level, seed, selection, degenerate, budget_warnings(ok))
 
 
+def seed_statistics(values: pd.Series) -> dict:
+    """A cell's numbers over its seeds: count, median, sample std, min, max (NaN where undefined). Rounded to 9
+    decimals: float noise (an MCC of -1e-17) must neither pick the bold cell nor print as -0.0."""
+    n = len(values)
+    stats = {"median": values.median() if n else np.nan, "std": values.std(ddof=1) if n > 1 else np.nan,
+             "min": values.min() if n else np.nan, "max": values.max() if n else np.nan}
+    return {"n_seeds": n, **{k: round(float(v), 9) + 0.0 for k, v in stats.items()}}
+
+
 def group_frame(ok: pd.DataFrame) -> pd.DataFrame:
     """The table's rows in order, with the trainable parameters without the head (one value, or a range)."""
     first = ok.drop_duplicates("group")
+    # a method's row without warm start right after the method's own row
+    order = [g for g in first.group if not g.endswith(f"|{NO_WARM_START}")]
+    for cold in (g for g in first.group if g.endswith(f"|{NO_WARM_START}")):
+        base = cold.removesuffix(f"|{NO_WARM_START}")
+        order.insert(order.index(base) + 1 if base in order else len(order), cold)
+    first = first.set_index("group", drop=False).loc[order].reset_index(drop=True)
     params = ok.groupby("group").trainable_params_no_head.agg(["min", "max"])
     frame = pd.DataFrame({"group": first.group, "model": first.model, "variant": first.variant,
                           "rank": first["rank"], "impl": first.impl,
-                          "start": first.get("start", pd.Series("", index=first.index))}).reset_index(drop=True)
+                          "start": first["start"] if "start" in first else ""}).reset_index(drop=True)
     frame["params_min"] = frame.group.map(params["min"]).astype("int64")
     frame["params_max"] = frame.group.map(params["max"]).astype("int64")
     return frame
@@ -218,23 +227,38 @@ def mark_ties(cells: pd.DataFrame, ok: pd.DataFrame, columns: list[Column], resa
                 continue
             if missing:
                 untested.append(f"{column.label}: no saved predictions for {', '.join(sorted(missing))}")
-            stream = zlib.crc32(f"{model}/{column.label}".encode())  # one stream per column: stable under additions
-            try:
-                test = paired_bootstrap(frames, column.base_metric, reference, resamples, [seed, stream], level)
-            except ReportError as err:  # e.g. data.max_eval_samples drew a different subset for every seed
-                untested.append(f"{column.label}: not tested, {err}")
+            # one stream per column: stable under additions
+            test, notes = column_bootstrap(frames, column, reference, f"{model}/{column.label}", resamples, seed,
+                                           level)
+            untested += notes
+            if test is None:
                 continue
-            if int(test.examples.iloc[0]) < int(test.examples_any_seed.iloc[0]):
-                untested.append(f"{column.label}: the seeds scored different example sets; the test used the "
-                                f"{int(test.examples.iloc[0])} of {int(test.examples_any_seed.iloc[0])} they share")
             rows = (cells.column == column.label) & cells.group.isin(test.index)
             for name in ("tied", "diff_low", "diff_high", "p_at_least_as_good", "examples"):
                 cells.loc[rows, name] = cells.loc[rows, "group"].map(test[name]).to_numpy()
-            cells.loc[rows, ["diff_low", "diff_high"]] *= BOOTSTRAP_SCALE
-            # 4 decimals: a last-bit difference in a BLAS sum must not make --check fail on another machine
-            cells.loc[rows, ["diff_low", "diff_high", "p_at_least_as_good"]] = (
-                cells.loc[rows, ["diff_low", "diff_high", "p_at_least_as_good"]].astype(float).round(4) + 0.0)
     return cells, untested
+
+
+def column_bootstrap(frames: dict[str, list[pd.DataFrame]], column: Column, reference: str, stream: str,
+                     resamples: int, seed: int, level: float) -> tuple[pd.DataFrame | None, list[str]]:
+    """`paired_bootstrap` for one table column, `stream` naming its random stream: observed scores and the
+    interval of (reference − row) in the table's points, rounded to 4 decimals (a last-bit difference in a
+    BLAS sum must not make --check fail on another machine); and notes on what could not be tested as asked."""
+    try:
+        test = paired_bootstrap(frames, column.base_metric, reference, resamples,
+                                [seed, zlib.crc32(stream.encode())], level)
+    except ReportError as err:  # e.g. data.max_eval_samples drew a different subset for every seed
+        return None, [f"{column.label}: not tested, {err}"]
+    notes = []
+    if int(test.examples.iloc[0]) < int(test.examples_any_seed.iloc[0]):
+        notes.append(f"{column.label}: the seeds scored different example sets; the test used the "
+                     f"{int(test.examples.iloc[0])} of {int(test.examples_any_seed.iloc[0])} they share")
+    test = test.copy()
+    points = ["observed", "diff_low", "diff_high"]
+    test[points] = test[points] * BOOTSTRAP_SCALE
+    rounded = [*points, "p_at_least_as_good"]
+    test[rounded] = test[rounded].astype(float).round(4) + 0.0
+    return test, notes
 
 
 def prediction_reader(ok: pd.DataFrame) -> Callable[[str, str | None], pd.DataFrame | None]:
@@ -376,7 +400,8 @@ def inflation_table(rows: pd.DataFrame) -> str:
                 for t in tasks for p in [part[part.task == t]]]
         first = part.iloc[0]
         rank = "–" if pd.isna(first["rank"]) else str(int(first["rank"]))
-        lines.append(f"| {variant_label(first.variant)} | {rank} | "
+        start = f" ({first.start})" if first.start else ""
+        lines.append(f"| {variant_label(first.variant)}{start} | {rank} | "
                      + " | ".join("–" if pd.isna(g) else f"{g:.1f}" for g in gaps)
                      + f" | {np.nanmean(gaps):.1f} |")
     return "\n".join(lines) + "\n"
