@@ -98,10 +98,11 @@ def against_reference(table: PaperTable, rows: pd.DataFrame) -> Comparison | Non
 
 
 def signed(value: float) -> str:
+    """One decimal with its sign, kept where it rounds to zero: an interval [+0.0, +0.4] excludes 0, [0.0, ...]
+    touches it."""
     if pd.isna(value):
         return "–"
-    text = fixed(value)
-    return text if text.startswith("-") or text == "0.0" else f"+{text}"
+    return "0.0" if value == 0 else f"{value:+.1f}"
 
 
 def comparison_grid(comparison: Comparison) -> Grid:
