@@ -197,8 +197,8 @@ def first_evaluation_grid(table: PaperTable, frame: pd.DataFrame) -> Grid:
             "epoch " + ", ".join(f"{epochs[label]} on {label}" for label in labels if label in epochs))
     caption = ("How far each method gets by its first evaluation: the primary score at each run's first "
                f"evaluation ({when}), median over seeds ± std, in the results table's points. Bold: highest in "
-               "the column (none where every row has the same score). Compare with the results table for where each run ends: a method that converges "
-               "faster is further ahead here than there.")
+               "the column (none where every row has the same score). Compare with the results table for where "
+               "each run ends: a method that converges faster is further ahead here than there.")
     notes = ["‡ Started from the same method's MNLI run (init_from), as in the results table."] \
         if frame.warm.any() else []
     align = "l" * len(row_label_header(table.groups)) + "r" * len(labels)

@@ -72,6 +72,12 @@ def group_key(model, variant, rank, impl) -> str:
 
 
 NO_WARM_START = "no warm start"
+COLD_SUFFIX = f"|{NO_WARM_START}"  # ends the group key of a method's runs split off by split_cold_starts
+
+
+def method_group(groups: pd.Series) -> pd.Series:
+    """The method's own group key of each group, "(no warm start)" rows folded back."""
+    return groups.str.removesuffix(COLD_SUFFIX)
 
 
 def warm_started(rows: pd.DataFrame) -> pd.Series:
@@ -85,12 +91,12 @@ def split_cold_starts(ok: pd.DataFrame) -> pd.DataFrame:
     init_from beside one without, as cpu_glue_v2 and cpu_glue_v2_rte_cold), the cold runs become a row of their
     own, `start` = NO_WARM_START, instead of being mixed into one cell as if they were seeds. Decided on the rows
     given, so a selection that drops the warm runs leaves the cold ones in the method's own row."""
-    ok = ok.assign(group=ok.group.str.removesuffix(f"|{NO_WARM_START}"))
+    ok = ok.assign(group=method_group(ok.group))
     warm = warm_started(ok)
     keys = [ok.group, ok.task.fillna("")]
     cold = ~warm & warm.groupby(keys).transform("any") & (~warm).groupby(keys).transform("any")
     ok["start"] = np.where(cold, NO_WARM_START, "")
-    ok.loc[cold, "group"] = ok.loc[cold, "group"] + f"|{NO_WARM_START}"
+    ok.loc[cold, "group"] = ok.loc[cold, "group"] + COLD_SUFFIX
     return ok
 
 

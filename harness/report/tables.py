@@ -15,7 +15,8 @@ import pandas as pd
 from harness.errors import ReportError
 from harness.report.labels import (COMPANIONS, EXTRAS, TASK_ORDER, column_label, task_label, task_position,
                                    variant_label)
-from harness.report.rows import NO_WARM_START, SELECTIONS, failures, ok_rows, read_predictions, warm_started
+from harness.report.rows import (COLD_SUFFIX, SELECTIONS, failures, method_group, ok_rows, read_predictions,
+                                 warm_started)
 from harness.report.statistics import BOOTSTRAP_SCALE, LEVEL, RESAMPLES, SEED, paired_bootstrap
 
 
@@ -157,9 +158,9 @@ def group_frame(ok: pd.DataFrame) -> pd.DataFrame:
     """The table's rows in order, with the trainable parameters without the head (one value, or a range)."""
     first = ok.drop_duplicates("group")
     # a method's row without warm start right after the method's own row
-    order = [g for g in first.group if not g.endswith(f"|{NO_WARM_START}")]
-    for cold in (g for g in first.group if g.endswith(f"|{NO_WARM_START}")):
-        base = cold.removesuffix(f"|{NO_WARM_START}")
+    order = [g for g in first.group if not g.endswith(COLD_SUFFIX)]
+    for cold in (g for g in first.group if g.endswith(COLD_SUFFIX)):
+        base = cold.removesuffix(COLD_SUFFIX)
         order.insert(order.index(base) + 1 if base in order else len(order), cold)
     first = first.set_index("group", drop=False).loc[order].reset_index(drop=True)
     params = ok.groupby("group").trainable_params_no_head.agg(["min", "max"])
@@ -322,8 +323,7 @@ def efficiency_frame(rows: pd.DataFrame, task: str | None = None) -> pd.DataFram
         ok = ok[ok.task == task]
     if ok.empty:
         raise ReportError(f"no ok rows{' for task ' + task if task else ''} to measure")
-    if "start" in ok:  # a warm start changes the scores, not the cost: one efficiency row per method
-        ok = ok.assign(group=ok.group.str.removesuffix(f"|{NO_WARM_START}"), start="")
+    ok = ok.assign(group=method_group(ok.group), start="")  # a warm start changes scores, not cost: one row per method
     ok = ok.assign(
         peak_memory_bytes=ok.cuda_peak_allocated_bytes.fillna(ok.cpu_peak_rss_bytes),
         peak_memory_kind=np.where(ok.cuda_peak_allocated_bytes.notna(), "CUDA allocated", "CPU RSS"),
