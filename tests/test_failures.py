@@ -117,6 +117,15 @@ def test_out_of_range_evaluation_labels_are_an_error_naming_file_column_and_valu
     assert list(rows.runs_dir(cfg.results_dir, cfg.sweep_name).glob("*.parquet")) == []
 
 
+def test_an_evaluation_split_without_labels_is_an_error_that_says_it_looks_like_a_test_split(make_cfg, tiny_data_dir,
+                                                                                              tmp_path):
+    data = copy_of_data(tiny_data_dir, tmp_path)
+    edit_split(data, "rte", "validation", lambda f: f.assign(label=-1))  # GLUE's test splits hide labels as -1
+    cfg = make_cfg(data_dir=data)
+    with pytest.raises(DataError, match=r"split 'validation' .*has no labels.*a test split"):
+        run(cfg)
+
+
 # ---- 3. the data is part of the run's identity -----------------------------------------------------------
 def test_changed_data_under_the_same_config_is_another_run(make_cfg, tiny_data_dir, tmp_path):
     data = copy_of_data(tiny_data_dir, tmp_path)

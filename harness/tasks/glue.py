@@ -45,7 +45,7 @@ class GlueTask(Task):
     def check_labels(self, split: str, raw: datasets.Dataset, source_split: str) -> None:
         """Every label a class id in [0, num_labels) (STS-B: a finite score), so that no split is scored against
         labels the head cannot predict. A split whose labels are all -1 is a test split (GLUE hides its labels)."""
-        labels = np.asarray(raw["label"])
+        labels = raw.with_format("numpy", columns=["label"])[:]["label"]  # from Arrow; raw["label"] is Python ints
         if len(labels) and (labels < 0).all():
             raise DataError(f"task {self.name}: split {split!r} ({self.split_source(source_split)}) has no labels "
                             "(every label is -1: a test split?); evaluate on a validation split")
