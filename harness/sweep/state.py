@@ -117,7 +117,8 @@ def dependency_waves(states: Sequence[JobState]) -> list[list[JobState]]:
 def format_listing(sweep_name: str, states: Sequence[JobState], other_rows: int = 0) -> str:
     """The dry-run table: a count per status, the overrides every job shares, then one line per job
     (number, status, run_key, its own overrides), tab-separated so it parses (`cut -f3` gives run_keys).
-    `other_rows`: rows in the sweep's folder that belong to none of these jobs (made by an earlier config)."""
+    `other_rows`: rows in the sweep's folder that belong to none of these jobs (jobs the command line narrowed
+    away, or an earlier config)."""
     counts: dict[str, int] = {}
     for state in states:
         counts[state.status] = counts.get(state.status, 0) + 1
@@ -127,8 +128,8 @@ def format_listing(sweep_name: str, states: Sequence[JobState], other_rows: int 
              + "".join(f", {n} {status}" for status, n in sorted(counts.items()) if status != "ok"),
              f"# every job: {' '.join(common)}" if common else "# every job: (no common overrides)"]
     if other_rows:
-        lines.append(f"# {other_rows} rows in the sweep's runs/ folder belong to none of these jobs (an earlier "
-                     "config); reports read every row there")
+        lines.append(f"# {other_rows} rows in the sweep's runs/ folder belong to none of these jobs (jobs the "
+                     "command line left out, or an earlier config); reports read every row there")
     lines.append("# job\tstatus\trun_key\toverrides")
     lines += [f"{i}\t{s.status}\t{s.run_key}\t{' '.join(o for o in s.overrides if o not in common)}"
               for i, s in enumerate(states)]
@@ -136,7 +137,7 @@ def format_listing(sweep_name: str, states: Sequence[JobState], other_rows: int 
 
 
 def other_rows(results_dir: str | Path, sweep_name: str, states: Sequence[JobState]) -> int:
-    """How many rows of the sweep's folder belong to none of `states` (rows of an earlier config)."""
+    """How many rows of the sweep's folder belong to none of `states` (other jobs' rows, or an earlier config's)."""
     keys = {s.run_key for s in states}
     return sum(1 for p in rows.runs_dir(results_dir, sweep_name).glob("*.parquet") if p.stem not in keys)
 
