@@ -376,6 +376,10 @@ class TrainingLoop:
         """The loss of one batch, backpropagated (scaled for accumulation) and counted in the throughput meters;
         `measure`: also count the bytes autograd saves for backward (the row's saved_activation_bytes)."""
         cfg, outcome, model = self.cfg, self.outcome, self.setup.model
+        mask = batch["attention_mask"]  # counted on the host, before the copy: no device sync for the meters
+        outcome.train_samples += mask.shape[0]
+        outcome.train_tokens += int(mask.sum())
+        outcome.train_padded_tokens += mask.numel()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         meter = SavedTensorMeter(model) if measure else contextlib.nullcontext()
         with meter:
@@ -388,9 +392,6 @@ class TrainingLoop:
         if isinstance(meter, SavedTensorMeter):
             outcome.memory["saved_activation_bytes"] = meter.bytes
             outcome.memory["activation_batch_shape"] = "x".join(map(str, batch["input_ids"].shape))
-        outcome.train_samples += batch["input_ids"].shape[0]
-        outcome.train_tokens += int(batch["attention_mask"].sum())
-        outcome.train_padded_tokens += batch["attention_mask"].numel()
         return loss.item()
 
     def optimizer_step(self, optimizer, scaler, scheduler) -> None:
