@@ -302,9 +302,21 @@ def finish(cfg: DictConfig, row: dict[str, Any], attempt: Attempt) -> None:
     row["wall_seconds"] = time.time() - attempt.started  # up to the row's writing, the history's included
     path = rows.write_row(cfg.results_dir, cfg.sweep_name, row)
     attempt.tracker.close(row)
-    score = row.get("score_best")
-    log.info("run %s %s: %s=%s -> %s", row["run_key"], row["status"], row.get("primary_metric"),
-             "none" if score is None else f"{score:.4f}", path)
+    log.info("run %s %s: %s -> %s", row["run_key"], row["status"], score_summary(row), path)
+
+
+def score_summary(row: dict[str, Any]) -> str:
+    """The final log line's score: the selected checkpoint's (the one the row stands for), and the best evaluation's
+    when that is another one (train.selection=heldout or last), so a log never shows a better number than the row."""
+    metric, selected, best = row.get("primary_metric"), row.get("score_selected"), row.get("score_best")
+    if selected is None:
+        return f"{metric}=none"
+    text = f"{metric}={selected:.4f}"
+    if row.get("selection") != "eval_best":
+        text += f" at the {row.get('selection')} checkpoint (step {row.get('selected_step')})"
+        if best is not None and row.get("selected_step") != row.get("best_step"):
+            text += f"; best evaluation {best:.4f} (step {row.get('best_step')})"
+    return text
 
 
 def score_columns(outcome: TrainOutcome) -> dict[str, Any]:

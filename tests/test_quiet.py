@@ -12,7 +12,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from harness import models
+from harness import models, rows
 from harness.run import run
 
 from conftest import CONF_DIR, REPO
@@ -150,4 +150,30 @@ def test_the_final_log_line_gives_the_score_to_four_decimals(make_cfg, caplog):
         row = run(make_cfg())
     assert row["status"] == "ok"
     final = caplog.records[-1].getMessage()
-    assert re.search(rf" ok: accuracy={row['score_best']:.4f} -> ", final), final
+    assert re.search(rf" ok: accuracy={row['score_selected']:.4f} -> ", final), final
+
+
+def test_the_final_log_line_gives_the_selected_score_and_the_best_evaluation_apart(make_cfg, caplog):
+    with caplog.at_level(logging.INFO, logger="harness.run"):
+        cfg = make_cfg("train.selection=heldout", "train.max_steps=6", "train.eval_every_steps=2")
+        row = run(cfg)
+    assert row["status"] == "ok"
+    final = caplog.records[-1].getMessage()
+    shown = f" ok: accuracy={row['score_selected']:.4f} at the heldout checkpoint (step {row['selected_step']})"
+    assert shown in final, final
+    assert final.endswith(f" -> {rows.row_path(cfg.results_dir, cfg.sweep_name, row['run_key'])}"), final
+
+
+@pytest.mark.parametrize("selection, selected_step, expected", [
+    ("eval_best", 20, "accuracy=0.7000"),
+    ("heldout", 20, "accuracy=0.7000 at the heldout checkpoint (step 20)"),
+    ("heldout", 10, "accuracy=0.6000 at the heldout checkpoint (step 10); best evaluation 0.7000 (step 20)"),
+    ("last", 30, "accuracy=0.6500 at the last checkpoint (step 30); best evaluation 0.7000 (step 20)"),
+])
+def test_the_score_summary_never_shows_a_better_number_than_the_row(selection, selected_step, expected):
+    from harness.run import score_summary
+    scores = {10: 0.6, 20: 0.7, 30: 0.65}
+    row = {"primary_metric": "accuracy", "selection": selection, "score_best": 0.7, "best_step": 20,
+           "score_selected": scores[selected_step], "selected_step": selected_step}
+    assert score_summary(row) == expected
+    assert score_summary({"primary_metric": "accuracy"}) == "accuracy=none"  # no evaluation before the failure
