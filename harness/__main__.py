@@ -34,7 +34,10 @@ def main(cfg: DictConfig) -> float:
     except HarnessError as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             if not isinstance(err, (RunFailed, RunBusy, SweepStopping)):  # those have rows, or owners
-                sweep.record_job_error(Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), err)
+                overrides = list(hydra_cfg.overrides.task)
+                sweep.record_job_error(Path(hydra_cfg.runtime.output_dir), overrides, err)
+                # said now, in the sweep's log: the launcher reports its jobs when the whole batch returns
+                log.error("job %s did not start: %s: %s", " ".join(overrides), type(err).__name__, err)
             raise
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -348,6 +348,10 @@ def test_smoke_sweep_lists_its_jobs_runs_exactly_those_records_failures_and_resu
     assert "1 jobs did not start" in done.stderr + done.stdout
     not_started = [line for line in (done.stderr + done.stdout).splitlines() if "ConfigError: variant.r=0" in line]
     assert not_started and all("variant=lora variant.r=0 " in line for line in not_started)
+    lines = done.stdout.splitlines()  # the jobs' log lines, in the order they happened
+    said = [i for i, line in enumerate(lines) if "did not start: ConfigError: variant.r=0" in line]
+    next_run = [i for i, line in enumerate(lines) if f"run {keys[1]}: " in line]
+    assert said and next_run and said[0] < next_run[0], done.stdout  # said when it happened, not only at the end
 
     again = harness_cli(*grid_args)  # resume: the failed run is retried, the finished ones are skipped
     assert again.returncode == 1 and "1 of 1 jobs did not end ok" in again.stderr, again.stderr
@@ -422,6 +426,7 @@ def test_a_signal_to_a_parallel_sweep_alone_still_leaves_interrupted_rows(harnes
     final = sweep_rows(harness_cli.results)
     assert {key: final[key]["status"] for key in training} == {key: "interrupted" for key in training}, log
     assert all(final[key]["error"] == "Interrupted: received SIGTERM" for key in training)
+    assert "2 runs finished in this sitting (2 interrupted)" in log, log  # a stopped sitting still says how it went
 
 
 def test_a_worker_killed_by_the_os_ends_the_sitting_with_a_clear_error(harness_cli):

@@ -106,13 +106,17 @@ class HarnessSweeper(BasicSweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         returns, failures, launched = [], 0, 0
-        with sweep_guard(self.config.results_dir, sweep_name, [s.run_key for s in todo]):  # SIGTERM/SIGINT: stop
-            for wave in waves:
-                wave_returns, wave_failures = self.launch_batches([s.overrides for s in wave], [s.run_key for s in wave],
-                                                                  first_idx=launched)
-                returns += wave_returns
-                failures += wave_failures
-                launched += len(wave)
+        try:
+            with sweep_guard(self.config.results_dir, sweep_name, [s.run_key for s in todo]):  # SIGTERM/SIGINT: stop
+                for wave in waves:
+                    wave_returns, wave_failures = self.launch_batches([s.overrides for s in wave],
+                                                                      [s.run_key for s in wave], first_idx=launched)
+                    returns += wave_returns
+                    failures += wave_failures
+                    launched += len(wave)
+        except SystemExit:  # stopped by a signal: how this sitting's runs ended so far, its jobs' errors included
+            log_summary(self.config.results_dir, sweep_name, started, sweep_dir)
+            raise
         if failures:  # like Hydra's basic sweeper, a failed job fails the multirun, but only after all ran
             log_summary(self.config.results_dir, sweep_name, started, sweep_dir)
             if self.slurm_notes:
