@@ -70,3 +70,23 @@ def test_bootstrap_regression_and_squad():
     test = report.paired_bootstrap({"strong": [strong], "weak": [weak]}, "f1", resamples=300)
     assert test.loc["strong", "observed"] == pytest.approx(strong.f1.mean())
     assert not bool(test.loc["weak", "tied"])
+
+
+def test_a_constant_group_scores_its_value_on_every_resample():
+    """`constants` (the correlation baseline): the interval of (variant − constant) is the variant's own bootstrap
+    interval shifted by the constant; a correlation near 0 is not told from 0, a strong one is."""
+    rng = np.random.default_rng(5)
+    label = rng.uniform(0, 5, 300)
+    frame = lambda prediction: pd.DataFrame({"split": "validation", "idx": np.arange(300),  # noqa: E731
+                                             "label": label, "prediction": prediction})
+    strong, noise = [frame(label + rng.normal(0, 1, 300))], [frame(rng.normal(0, 1, 300))]
+    solo = report.paired_bootstrap({"strong": strong, "noise": noise}, "pearson", "strong", resamples=400)
+    test = report.paired_bootstrap({"strong": strong}, "pearson", "strong", resamples=400,
+                                   constants={"zero": 0.0})
+    assert test.loc["zero", "observed"] == 0.0 and test.loc["zero", "examples"] == 300
+    assert not bool(test.loc["zero", "tied"]) and test.loc["zero", "diff_low"] > 0.5
+    assert test.loc["strong", "observed"] == pytest.approx(solo.loc["strong", "observed"])
+    against_noise = report.paired_bootstrap({"noise": noise}, "pearson", "noise", resamples=400,
+                                            constants={"zero": 0.0})
+    assert bool(against_noise.loc["zero", "tied"])
+    assert test.loc["zero", "p_at_least_as_good"] == 0.0

@@ -12,7 +12,8 @@ and writes next to them (`<dir>/report/`, or `--out`):
                                   implementation when peft rows exist), trainable parameters without the head,
                                   one column per task's metric, the average; median over seeds ± std, best
                                   in bold, variants a paired bootstrap cannot tell from the best underlined
-  comparison.md / .tex / .csv     each row minus LoRA per column, with its paired-bootstrap interval
+  comparison.md / .tex / .csv     each row minus LoRA per column, with its paired-bootstrap interval, and
+                                  the majority class (the no-skill baseline) against LoRA the same way
   first_evaluation.md/.tex/.csv   each row's score at its first evaluation (how fast it gets there)
   efficiency.md / .tex / .csv     throughput, measured peak memory, the exact memory account, adapter size
   param_counts.md / .tex / .csv   our trainable-parameter counts of roberta-base/large next to the papers'

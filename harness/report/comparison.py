@@ -17,9 +17,15 @@ import pandas as pd
 from harness.report.labels import variant_label
 from harness.report.render import Cell, Grid, fixed, params_cell, row_label_cells, row_label_header
 from harness.report.rows import histories, ok_rows
-from harness.report.tables import PaperTable, cell_predictions, column_bootstrap, prediction_reader, seed_statistics
+from harness.report.tables import (Column, PaperTable, cell_predictions, column_bootstrap, prediction_reader,
+                                   seed_statistics)
 
 REFERENCE_VARIANT = "lora"
+# The no-skill baseline, compared with LoRA like a method: predicting the most frequent label of the evaluation
+# examples for every one of them (the best constant prediction there; MCC 0). A constant prediction's correlation
+# is undefined; the baseline of a regression column scores 0 instead.
+MAJORITY = "majority class"
+CORRELATIONS = ("pearson", "spearman")
 
 
 @dataclass
@@ -78,23 +84,45 @@ def against_reference(table: PaperTable, rows: pd.DataFrame) -> Comparison | Non
                 test, notes = column_bootstrap(pair, column, reference, f"{model}/{column.label}/{group}",
                                                table.resamples, table.seed, table.level)
                 untested += notes
-                if test is None:
-                    continue
-                # column_bootstrap's interval is of (reference − row); the comparison reads row − reference
-                low, high = -test.at[group, "diff_high"] + 0.0, -test.at[group, "diff_low"] + 0.0
-                lines.append({"group": group, "reference": reference, "column": column.label, "task": column.task,
-                              "diff": round(test.at[group, "observed"] - test.at[reference, "observed"], 4) + 0.0,
-                              "diff_low": low, "diff_high": high,
-                              "significant": bool(pd.notna(low) and pd.notna(high) and not low <= 0 <= high),
-                              "p_at_least_as_good": test.at[group, "p_at_least_as_good"],
-                              "examples": int(test.at[group, "examples"]),
-                              "warm_differs": bool(table.cell(group, column.label).warm
-                                                   != table.cell(reference, column.label).warm)})
+                if test is not None:
+                    warm_differs = table.cell(group, column.label).warm != table.cell(reference, column.label).warm
+                    lines.append(difference_line(test, group, reference, column, bool(warm_differs)))
+            if "label" in frames[reference][0]:  # GLUE (SQuAD's predictions have no label: no such baseline)
+                test, notes = against_majority(frames[reference], column, reference, f"{model}/{column.label}/"
+                                               f"{MAJORITY}", table)
+                untested += notes
+                if test is not None:
+                    lines.append(difference_line(test, MAJORITY, reference, column, False))
     if not references:
         return None
     cells = pd.DataFrame(lines, columns=["group", "reference", "column", "task", "diff", "diff_low", "diff_high",
-                                         "significant", "p_at_least_as_good", "examples", "warm_differs"])
+                                         "significant", "p_at_least_as_good", "examples", "warm_differs", "score"])
     return Comparison(references, table, cells, list(dict.fromkeys(untested)))
+
+
+def against_majority(frames: list[pd.DataFrame], column: Column, reference: str, stream: str, table: PaperTable
+                     ) -> tuple[pd.DataFrame | None, list[str]]:
+    """The reference's runs against the majority-class baseline on the examples they scored (`MAJORITY`)."""
+    if column.base_metric in CORRELATIONS:
+        return column_bootstrap({reference: frames}, column, reference, stream, table.resamples, table.seed,
+                                table.level, constants={MAJORITY: 0.0})
+    labels = frames[0]["label"].to_numpy()
+    majority = frames[0][[c for c in frames[0] if c != "prediction"]].assign(
+        prediction=np.bincount(labels.astype(np.int64)).argmax())
+    return column_bootstrap({reference: frames, MAJORITY: [majority]}, column, reference, stream, table.resamples,
+                            table.seed, table.level)
+
+
+def difference_line(test: pd.DataFrame, group: str, reference: str, column: Column, warm_differs: bool) -> dict:
+    """One line of `Comparison.cells` from a two-group `column_bootstrap`: `group` − `reference`."""
+    # column_bootstrap's interval is of (reference − row); the comparison reads row − reference
+    low, high = -test.at[group, "diff_high"] + 0.0, -test.at[group, "diff_low"] + 0.0
+    return {"group": group, "reference": reference, "column": column.label, "task": column.task,
+            "diff": round(test.at[group, "observed"] - test.at[reference, "observed"], 4) + 0.0,
+            "diff_low": low, "diff_high": high,
+            "significant": bool(pd.notna(low) and pd.notna(high) and not low <= 0 <= high),
+            "p_at_least_as_good": test.at[group, "p_at_least_as_good"], "examples": int(test.at[group, "examples"]),
+            "warm_differs": warm_differs, "score": test.at[group, "observed"]}
 
 
 def signed(value: float) -> str:
@@ -112,22 +140,35 @@ def comparison_grid(comparison: Comparison) -> Grid:
                          & ~table.groups.group.isin(comparison.references.values())]
     header = row_label_header(table.groups) + [Cell("# Trainable params")] + [Cell(label) for label in labels]
     body, degenerate_seen, warm_seen = [], False, False
-    for row in shown.itertuples(index=False):
-        row = pd.Series(row._asdict())
-        line = row_label_cells(table.groups, row) + [params_cell(row)]
+
+    def difference_cells(found: pd.DataFrame, group: str) -> list[Cell]:
+        nonlocal degenerate_seen, warm_seen
+        cells = []
         for label in labels:
-            hit = comparison.cells[(comparison.cells.group == row.group) & (comparison.cells.column == label)]
+            hit = found[found.column == label]
             if hit.empty:
-                line.append(Cell("–"))
+                cells.append(Cell("–"))
                 continue
             cell = hit.iloc[0]
-            degenerate = any(bool(table.cell(group, label).get("degenerate", 0))
-                             for group in (row.group, cell.reference))
+            degenerate = any(bool(table.cell(g, label).get("degenerate", 0))
+                             for g in (group, cell.reference) if table.cell(g, label) is not None)
             degenerate_seen |= degenerate
             warm_seen |= bool(cell.warm_differs)
-            line.append(Cell(f"{signed(cell['diff'])} [{signed(cell.diff_low)}, {signed(cell.diff_high)}]",
-                             bold=bool(cell.significant), degenerate=degenerate, warm=bool(cell.warm_differs)))
-        body.append(line)
+            cells.append(Cell(f"{signed(cell['diff'])} [{signed(cell.diff_low)}, {signed(cell.diff_high)}]",
+                              bold=bool(cell.significant), degenerate=degenerate, warm=bool(cell.warm_differs)))
+        return cells
+
+    for row in shown.itertuples(index=False):
+        row = pd.Series(row._asdict())
+        body.append(row_label_cells(table.groups, row) + [params_cell(row)]
+                    + difference_cells(comparison.cells[comparison.cells.group == row.group], row.group))
+    baselines = comparison.cells[comparison.cells.group == MAJORITY]
+    for model, reference in comparison.references.items():
+        found = baselines[baselines.reference == reference]
+        if len(found):
+            label = pd.Series({"model": model, "variant": "Majority class", "start": "", "rank": np.nan,
+                               "impl": "–"})
+            body.append(row_label_cells(table.groups, label) + [Cell("–")] + difference_cells(found, MAJORITY))
     chosen = table.groups[table.groups.group.isin(comparison.references.values())]
     several = table.groups.model.nunique() > 1
     references = [f"{variant_label(r.variant)} r={int(r['rank'])}" + (f" ({r.model})" if several else "")
@@ -138,6 +179,13 @@ def comparison_grid(comparison: Comparison) -> Grid:
                "resample scored as the median over seeds). Bold: the interval excludes 0, the difference is real at "
                "this budget; otherwise this data cannot tell the two apart.")
     notes = []
+    if len(baselines):
+        scores = baselines.drop_duplicates("column").set_index("column").score
+        notes.append("Majority class: the most frequent label of the evaluation examples, predicted for every one "
+                     "(the best constant prediction; MCC 0; a constant's correlation is undefined and counts as 0), "
+                     "on the examples LoRA scored: " + ", ".join(f"{label} {scores[label]:.1f}" for label in labels
+                                                                  if label in scores.index)
+                     + ". Bold there: LoRA is above (or below) it beyond this data's noise.")
     if warm_seen:
         notes.append("‡ One of the two started from its MNLI run and the other did not (init_from; the results "
                      "table marks which): the difference includes the warm start's effect.")

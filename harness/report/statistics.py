@@ -59,8 +59,8 @@ def aligned(frames: Sequence[pd.DataFrame], key: list[str]) -> tuple[list[pd.Dat
 
 
 def paired_bootstrap(groups: Mapping[str, Sequence[pd.DataFrame]], metric: str, reference: str | None = None,
-                     resamples: int = RESAMPLES, seed: int | Sequence[int] = SEED, level: float = LEVEL
-                     ) -> pd.DataFrame:
+                     resamples: int = RESAMPLES, seed: int | Sequence[int] = SEED, level: float = LEVEL,
+                     constants: Mapping[str, float] | None = None) -> pd.DataFrame:
     """Which variants a paired bootstrap over evaluation examples cannot tell from the reference.
 
     `groups` maps a variant (a table row) to its per-seed prediction frames (columns label and prediction,
@@ -68,12 +68,15 @@ def paired_bootstrap(groups: Mapping[str, Sequence[pd.DataFrame]], metric: str, 
     replacement, once for all variants and seeds (that is the pairing); a variant's score on a resample is
     the median over its seeds, as in the table. A variant is `tied` with the reference when the `level`
     percentile interval of (reference - variant) contains 0. The reference defaults to the variant with the
-    highest observed score.
+    highest observed score. `constants` adds groups without predictions that score one fixed value on every
+    resample (a constant prediction's correlation, undefined, counted as 0: the no-skill baseline of a
+    regression task).
 
     Returns one row per group: observed score on the common examples, the interval of the difference,
     `p_at_least_as_good` (share of resamples where the variant scores >= the reference), `tied`, and the
     number of examples used out of those scored by any seed.
     """
+    constants = dict(constants or {})
     names = list(groups)
     frames = [frame for name in names for frame in groups[name]]
     if not frames:
@@ -89,13 +92,17 @@ def paired_bootstrap(groups: Mapping[str, Sequence[pd.DataFrame]], metric: str, 
     columns = [c for c in ("label", "prediction", metric) if c in frames[0]]
     arrays = [{c: frame[c].to_numpy() for c in columns} for frame in frames]
     owners = np.repeat(np.arange(len(names)), [len(groups[name]) for name in names])
+    predicted = len(names)
 
     def scores(weights: np.ndarray) -> np.ndarray:
         per_seed = np.stack([resampled_metric(metric, weights, a) for a in arrays])  # (seeds, b)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: an undefined correlation stays NaN
-            return np.stack([np.nanmedian(per_seed[owners == g], axis=0) for g in range(len(names))], axis=1)
+            medians = [np.nanmedian(per_seed[owners == g], axis=0) for g in range(predicted)]
+        return np.stack(medians + [np.full(len(weights), value, dtype=np.float64) for value in constants.values()],
+                        axis=1)
 
+    names += list(constants)
     observed = scores(np.ones((1, n)))[0]
     if reference is None:
         reference = names[int(np.nanargmax(observed))] if not np.isnan(observed).all() else names[0]

@@ -241,13 +241,14 @@ def mark_ties(cells: pd.DataFrame, ok: pd.DataFrame, columns: list[Column], resa
 
 
 def column_bootstrap(frames: dict[str, list[pd.DataFrame]], column: Column, reference: str, stream: str,
-                     resamples: int, seed: int, level: float) -> tuple[pd.DataFrame | None, list[str]]:
+                     resamples: int, seed: int, level: float, constants: dict[str, float] | None = None
+                     ) -> tuple[pd.DataFrame | None, list[str]]:
     """`paired_bootstrap` for one table column, `stream` naming its random stream: observed scores and the
     interval of (reference − row) in the table's points, rounded to 4 decimals (a last-bit difference in a
     BLAS sum must not make --check fail on another machine); and notes on what could not be tested as asked."""
     try:
         test = paired_bootstrap(frames, column.base_metric, reference, resamples,
-                                [seed, zlib.crc32(stream.encode())], level)
+                                [seed, zlib.crc32(stream.encode())], level, constants)
     except ReportError as err:  # e.g. data.max_eval_samples drew a different subset for every seed
         return None, [f"{column.label}: not tested, {err}"]
     notes = []
