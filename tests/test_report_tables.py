@@ -96,11 +96,14 @@ def test_a_misprinted_published_count_says_what_is_wrong():
 def test_efficiency_table_shows_wall_and_setup_seconds_where_rows_have_them(report_rows_dir):
     rows = report.load(report_rows_dir)
     assert rows.wall_seconds.notna().all()  # written by this checkout's runs
-    header = [cell.text for cell in report.efficiency_grid(report.efficiency_frame(rows)).header]
-    assert "Wall s" in header and "Setup s" in header
+    grid = report.efficiency_grid(report.efficiency_frame(rows))
+    assert "Wall s" in [cell.text for cell in grid.header] and "Setup s" in [cell.text for cell in grid.header]
+    assert any("in Wall s alone" in note and "DyLoRA" not in note for note in grid.notes)  # what Wall s holds
+    with_dylora = report.efficiency_frame(rows).assign(variant=lambda f: f.variant.replace("full", "dylora"))
+    assert any("DyLoRA evaluates at each rank" in note for note in report.efficiency_grid(with_dylora).notes)
     old = rows.assign(wall_seconds=np.nan, setup_seconds=np.nan)  # rows from before the columns existed
-    header = [cell.text for cell in report.efficiency_grid(report.efficiency_frame(old)).header]
-    assert "Wall s" not in header
+    grid = report.efficiency_grid(report.efficiency_frame(old))
+    assert "Wall s" not in [cell.text for cell in grid.header] and not any("Wall s" in n for n in grid.notes)
 
 
 # ---- degenerate runs and eval_best's inflation (issue 14) --------------------------------------------

@@ -297,6 +297,12 @@ def efficiency_grid(frame: pd.DataFrame, task: str | None = None) -> Grid:
         notes.append("CPU RSS is the whole process's peak during the run (reset per run on Linux; elsewhere since "
                      "the process started): it includes Python, the data and the frozen base model; compare the "
                      "account columns across variants.")
+    if times:
+        notes.append("Wall s is the whole run, Setup s its part before the first step. Eval samples/s counts the "
+                     "evaluation of the model as trained; a run with train.selection=heldout also scores its "
+                     "held-out slice at each evaluation" + (", and DyLoRA evaluates at each rank of its rank curve "
+                                                            "too" if "dylora" in set(frame.variant) else "")
+                     + ": that time is in Wall s alone.")
     align = "l" * len(row_label_header(frame)) + "r" * (len(header) - len(row_label_header(frame)))
     return Grid(caption, header, body, align, notes, "tab:efficiency")
 
