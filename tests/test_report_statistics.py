@@ -73,8 +73,8 @@ def test_bootstrap_regression_and_squad():
 
 
 def test_a_constant_group_scores_its_value_on_every_resample():
-    """`constants` (the correlation baseline): the interval of (variant − constant) is the variant's own bootstrap
-    interval shifted by the constant; a correlation near 0 is not told from 0, a strong one is."""
+    """`constants` (the correlation baseline): a group without predictions that scores its value on every resample,
+    beside the variant's own scores (unchanged by it); a strong correlation is told from 0, one near 0 is not."""
     rng = np.random.default_rng(5)
     label = rng.uniform(0, 5, 300)
     frame = lambda prediction: pd.DataFrame({"split": "validation", "idx": np.arange(300),  # noqa: E731
