@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 HERE=benchmarks/gpu_check
 WHEELS=$HERE/wheels
 DATA=$HERE/data
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 step() { printf '\n== %s (%ss)\n' "$1" "$SECONDS"; }
@@ -60,12 +60,16 @@ missing = [m for m in ("torch", "transformers", "peft", "pandas", "pyarrow", "sk
            if importlib.util.find_spec(m) is None]
 if missing:
     raise SystemExit(f"missing on this machine: {missing}; gpu_check.sh carries only benchmarks/gpu_check_wheels.txt")
-import torch
-print("torch", torch.__version__, "| CUDA build", torch.version.cuda, "| CUDA available", torch.cuda.is_available())
+import peft, torch, transformers
+print("torch", torch.__version__, "| CUDA build", torch.version.cuda, "| CUDA available", torch.cuda.is_available(),
+      "| transformers", transformers.__version__, "| peft", peft.__version__)
+print("bitsandbytes importable:", importlib.util.find_spec("bitsandbytes") is not None)
 EOF
   step "carried wheels (no index)"
   [[ -d "$WHEELS" ]] || { echo "no $WHEELS: run 'benchmarks/gpu_check.sh prepare' where an index is reachable, and carry $HERE"; exit 2; }
-  $PY -m pip install -q --no-index --find-links "$WHEELS" -r benchmarks/gpu_check_wheels.txt
+  # --no-deps: the list is already the closure of what the machine lacks, and pip's resolver would otherwise refuse
+  # over the machine's own versions of packages the list does not carry (datasets pins fsspec, say).
+  $PY -m pip install -q --no-index --no-deps --find-links "$WHEELS" -r benchmarks/gpu_check_wheels.txt
   step "the harness imports and composes"
   $PY -c "import harness.run, harness.sweep, harness.report; print('harness imports')"
   $PY -m harness.inspect model=roberta_base model.init=random model.tokenizer=tiny_bpe variant=lora task=mrpc \
