@@ -85,6 +85,8 @@ EOF
     step "CUDA-only tests"
     $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
   fi
+  step "first calls at new lengths: attention (per backend set) and a linear layer, bf16 and fp32"
+  $PY benchmarks/sdpa_first_call.py
   # Each configuration runs twice, 40 and 140 steps: the first steps carry CUDA's lazy kernel loading and cuBLAS's
   # first calls for each new shape (length-grouped batches vary in length), so the steady cost of a step is the
   # difference of the two runs' train_seconds over the 100 steps between them.
@@ -117,12 +119,17 @@ for (variant, precision), group in rows.groupby(["variant", "precision"]):
             print(f"{variant:<7} {precision:<5} {row['status']:<7} ({row['max_steps']} steps) {row['error']}")
     if not (short and long and short["status"] == long["status"] == "ok"):
         continue
-    steady = (long["train_seconds"] - short["train_seconds"]) / (long["steps"] - short["steps"])
-    samples = (long["train_samples_per_s"] * long["train_seconds"]
-               - short["train_samples_per_s"] * short["train_seconds"]) / (long["train_seconds"] - short["train_seconds"])
+    extra_seconds = long["train_seconds"] - short["train_seconds"]
+    if extra_seconds > 0:
+        steady_ms = f"{1e3 * extra_seconds / (long['steps'] - short['steps']):.1f}"
+        extra_samples = (long["train_samples_per_s"] * long["train_seconds"]
+                         - short["train_samples_per_s"] * short["train_seconds"])
+        samples = f"{extra_samples / extra_seconds:.1f}"
+    else:  # the longer run took less time: its one-off costs differ by more than the 100 steps cost
+        steady_ms = samples = "unreadable"
     backend = json.loads(long["extra_json"] or "{}").get("quant_backend", "")
     print(f"{variant:<7} {precision:<5} {'ok':<7} {1e3 * short['train_seconds'] / short['steps']:>12.1f} "
-          f"{1e3 * steady:>14.1f} {samples:>16.1f} {mib(long['cuda_peak_allocated_bytes']):>14} "
+          f"{steady_ms:>14} {samples:>16} {mib(long['cuda_peak_allocated_bytes']):>14} "
           f"{mib(long['cuda_peak_reserved_bytes']):>12} {long['train_padding_ratio']:>9.3f} {backend}")
 EOF
   step "done"
