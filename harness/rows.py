@@ -105,7 +105,7 @@ def make_row(values: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame([{c: values.get(c) for c in COLUMNS}])
 
 
-SCORE_COLUMNS = ["score_best", "score_last"] + [f"metric_{m}" for m in METRIC_NAMES]
+SCORE_COLUMNS = ["score_best", "score_last", "score_selected"] + [f"metric_{m}" for m in METRIC_NAMES]
 
 
 def non_finite_scores(row: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +115,8 @@ def non_finite_scores(row: dict[str, Any]) -> dict[str, Any]:
     if isinstance(row.get("last_metrics_json"), str):
         values.update({f"last.{k}": v for k, v in json.loads(row["last_metrics_json"]).items()
                        if k not in ("step", "epoch")})
+    if isinstance(row.get("rank_scores_json"), str):  # DyLoRA's score at each rank
+        values.update({f"rank_scores.{k}": v for k, v in json.loads(row["rank_scores_json"]).items()})
     return {k: v for k, v in values.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v)}
 

@@ -119,12 +119,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rows.check_writable(cfg.results_dir, cfg.sweep_name)
     row = identity_columns(cfg, key)
     attempt = Attempt(started, rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, key))
-    shutil.rmtree(attempt.artifacts, ignore_errors=True)  # an earlier failed attempt's history must not pass for this one's
     log.info("run %s: %s", key, describe(cfg))
     try:
         with lifecycle.interruptible():  # a stop signal may cut the run here (under lifecycle.run_guard)
-            attempt.tracker = trackers.Trackers.start(cfg, key, describe(cfg))
-            row["tracker_run_ids"] = attempt.tracker.run_ids()
             device, source = check_before_loading(cfg, row)
             setup = attempt.setup = assemble(cfg, device)
             if source is not None:
@@ -134,6 +131,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             setup.model.to(device)
             splits = read_splits(cfg, setup)
             row.update(split_columns(splits, cfg.train.batch_size))
+            discard_earlier_attempt(cfg, key, existing, attempt.artifacts)
+            attempt.tracker = trackers.Trackers.start(cfg, key, describe(cfg))  # it writes into the run's folder
+            row["tracker_run_ids"] = attempt.tracker.run_ids()
             attempt.loop = TrainingLoop(setup, splits, cfg.train, device, cfg.seed, attempt.tracker,
                                         keep_best_state=bool(cfg.save_adapter))
             outcome = train_and_check(attempt.loop)
@@ -160,6 +160,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with lifecycle.stops_held():  # the row is written whole; a stop signal waits for it
         finish(cfg, row, attempt)
     return row
+
+
+def discard_earlier_attempt(cfg: DictConfig, key: str, existing: dict[str, Any] | None, artifacts: Path) -> None:
+    """Remove what an earlier attempt at this run left (a failed one's files, or the ok row and files `rerun`
+    replaces), once this attempt is about to train: an error found before training leaves them as they were, and
+    from here on no earlier history or predictions can pass for this attempt's. The row goes first, so a run
+    killed outright from here on leaves no row and is run again, never an old ok row without its files."""
+    if existing is not None:
+        log.info("run %s: replacing its earlier %s row and files", key, existing["status"])
+        rows.row_path(cfg.results_dir, cfg.sweep_name, key).unlink(missing_ok=True)
+    shutil.rmtree(artifacts, ignore_errors=True)
 
 
 def identity_columns(cfg: DictConfig, key: str) -> dict[str, Any]:
@@ -272,7 +283,7 @@ def check_finite(model: torch.nn.Module, outcome: TrainOutcome, watch: dict[str,
     if "first_bad" in watch:
         raise Diverged(f"after {outcome.steps} steps, the model's outputs are not finite ({watch['first_bad']}); "
                        "lower train.lr")
-    bad = {k: v for entry in (outcome.best, outcome.last) if entry for k, v in entry.items()
+    bad = {k: v for entry in (outcome.best, outcome.last, outcome.selected) if entry for k, v in entry.items()
            if k not in ("step", "epoch", "train_loss") and isinstance(v, float) and not math.isfinite(v)}
     if outcome.best is None or bad:
         raise NoScore(f"the evaluation scores {bad or {primary_metric: None}} are undefined (a correlation is NaN "

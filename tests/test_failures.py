@@ -56,7 +56,8 @@ def test_a_run_that_diverges_on_its_last_step_is_recorded_diverged_not_ok(make_c
 def test_the_row_writer_refuses_an_ok_row_holding_a_non_finite_score():
     base = {"run_key": "k" * 16, "status": "ok", "score_best": 0.5, "score_last": 0.5}
     rows.make_row(base)
-    for bad in ({"score_best": math.nan}, {"metric_pearson": math.inf}, {"last_metrics_json": '{"score": NaN}'}):
+    for bad in ({"score_best": math.nan}, {"score_selected": math.nan}, {"metric_pearson": math.inf},
+                {"last_metrics_json": '{"score": NaN}'}, {"rank_scores_json": '{"r=1": NaN, "r=8": 0.5}'}):
         with pytest.raises(ValueError, match="ok row cannot hold non-finite"):
             rows.make_row({**base, **bad})
     rows.make_row({**base, "status": "diverged", "score_best": math.nan})  # a diverged row may say so
@@ -89,6 +90,27 @@ def test_an_undefined_score_with_finite_outputs_is_not_ok():
                            last={"step": 3, "score": math.nan, "pearson": math.nan})
     with pytest.raises(NoScore, match="pearson"):
         check_finite(model, outcome, {}, "pearson")
+
+
+def test_an_undefined_score_at_the_selected_evaluation_is_not_ok():
+    """train.selection=heldout can pick an evaluation that is neither the best nor the last: its score (the row's
+    score_selected, the heldout table's cell) must be finite too."""
+    from harness.errors import NoScore
+    from harness.run import check_finite
+    finite = {"step": 9, "score": 0.4, "pearson": 0.4}
+    outcome = TrainOutcome(steps=9, best=finite, last=finite,
+                           selected={"step": 3, "score": math.nan, "pearson": math.nan, "selection_score": 0.2})
+    with pytest.raises(NoScore, match="pearson"):
+        check_finite(torch.nn.Linear(2, 1), outcome, {}, "pearson")
+
+
+def test_dylora_records_an_undefined_score_at_a_truncated_rank_as_null(make_cfg):
+    """STS-B at rank 1 can predict a constant (correlation NaN) while the trained rank is fine: the run is ok,
+    and its row says "no score" at that rank rather than holding a NaN."""
+    from harness import adapters
+    columns = adapters.build(make_cfg("variant=dylora").variant).row_columns({"r=1": math.nan, "r=8": 0.5})
+    assert json.loads(columns["rank_scores_json"]) == {"r=1": None, "r=8": 0.5}
+    rows.make_row({"run_key": "k" * 16, "status": "ok", "score_best": 0.5, **columns})
 
 
 def test_an_ok_row_with_a_nan_score_from_older_code_is_run_again(make_cfg):

@@ -1,5 +1,6 @@
 """Report rows: loading says how to fix an empty folder, select keeps the baselines, two configs are never
-mixed as seeds, DyLoRA's rank curve is read at the best evaluation."""
+mixed as seeds (same seed or not), DyLoRA's rank curve is read at the table's evaluation, and a selection whose
+evaluation is missing is an error, never the eval_best number under its name."""
 
 from __future__ import annotations
 
@@ -22,6 +23,37 @@ def test_rows_mixing_two_configs_as_seeds_are_refused(report_rows_dir):
         report.paper_table(pd.concat([rows, twin], ignore_index=True))
 
 
+def test_seeds_of_one_cell_run_under_two_configs_are_refused(report_rows_dir):
+    """The sweep file changed between sittings (seed 1 ran at another lr), or precision=auto computed bf16 for one
+    seed and fp32 for another: no two rows share a seed, and the cell must still not pass for one method."""
+    rows = report.load(report_rows_dir)
+    cell = rows[(rows.status == "ok") & (rows.variant == "lora") & (rows["rank"] == 8) & (rows.task == "rte")]
+    assert len(set(cell.seed)) == 2
+    report.paper_table(rows)
+    other_lr = rows.copy()
+    config = json.loads(other_lr.at[cell.index[1], "config_json"])
+    config["train"]["lr"] = 0.123
+    other_lr.at[cell.index[1], "config_json"] = json.dumps(config)
+    with pytest.raises(report.ReportError, match=r"lora r=8 on rte \(seeds 0, 1\) differ in train\.lr"):
+        report.paper_table(other_lr)
+    other_precision = rows.copy()
+    other_precision.at[cell.index[1], "precision"] = "bf16"
+    with pytest.raises(report.ReportError, match=r"differ in precision as computed \(bf16, fp32\)"):
+        report.paper_table(other_precision)
+
+
+def test_a_selection_whose_evaluation_is_missing_is_an_error(report_rows_dir, tmp_path):
+    """A row's metric columns are eval_best's: where neither last_metrics_json nor the history holds the last
+    evaluation, --selection last must say so, not show the best evaluation's numbers as the last."""
+    rows = report.load(report_rows_dir)
+    first = rows.index[rows.status == "ok"][0]
+    rows.at[first, "last_metrics_json"] = None  # an older row: the history has it
+    assert report.apply_selection(rows, "last").at[first, "score_best"] == rows.at[first, "score_last"]
+    rows.at[first, "artifacts"] = str(tmp_path)  # and its folder is gone
+    with pytest.raises(report.ReportError, match="--selection last needs its last evaluation"):
+        report.apply_selection(rows, "last")
+
+
 def test_select_keeps_rank_free_baselines(report_rows_dir):
     rows = report.select(report.load(report_rows_dir), tasks=["rte"], ranks=[8])
     assert set(rows.task) == {"rte"}
@@ -30,8 +62,9 @@ def test_select_keeps_rank_free_baselines(report_rows_dir):
         report.select(rows, variants=["dora"])
 
 
-def test_dylora_rank_curve_is_read_at_the_best_evaluation(tmp_path):
-    """The table scores each run at its best evaluation; the rank curve must show the same evaluation."""
+def test_dylora_rank_curve_is_read_at_the_tables_evaluation(tmp_path):
+    """The table scores each run at its best evaluation (or, under --selection, the one apply_selection moves
+    best_step to); the rank curve must show the same evaluation."""
     pd.DataFrame({"step": [10, 10, 10, 20, 20, 20], "setting": [None, "r=1", "r=8", None, "r=1", "r=8"],
                   "score": [0.8, 0.6, 0.8, 0.5, 0.3, 0.5]}).to_parquet(tmp_path / "history.parquet")
     rows = pd.DataFrame([{"status": "ok", "group": "dylora r=8", "task": "rte", "seed": 0, "best_step": 10,
@@ -50,6 +83,7 @@ def test_selection_switch_scores_every_run_at_the_last_evaluation_and_says_so(re
         recorded = json.loads(row.last_metrics_json)
         assert row.metric_accuracy == recorded.get("accuracy") or pd.isna(row.metric_accuracy)
         assert row.score_best == row.score_last
+        assert row.best_step == recorded["step"]  # where DyLoRA's rank curve is read
     table = report.paper_table(last, resamples=50)
     assert table.selection == "last"
     assert "--selection last" in report.markdown(report.results_grid(table))

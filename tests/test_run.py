@@ -44,14 +44,29 @@ def test_run_writes_a_complete_row_with_history_and_predictions(make_cfg):
     assert set(predictions.checkpoint) == {"best", "last"} and (predictions.checkpoint == "last").sum() == 40
 
 
-def test_a_retry_that_fails_early_leaves_no_history_of_the_earlier_attempt(make_cfg):
-    cfg = make_cfg("train.precision=fp16")  # fails at its start on CPU, before any evaluation
-    artifacts = rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, run_keys.run_key(cfg))
-    artifacts.mkdir(parents=True)
-    pd.DataFrame({"step": [3], "score": [0.9]}).to_parquet(artifacts / "history.parquet")  # an earlier attempt's
-    with pytest.raises(ConfigError, match="fp16"):  # an error before training: no row (docs/failures.md)
-        run(cfg)
-    assert not artifacts.exists()
+def test_a_retry_keeps_the_earlier_attempts_files_until_it_trains_then_replaces_them(make_cfg):
+    """An error found before training changes nothing (no row, docs/failures.md); a retry that trains starts
+    from an empty folder, so no earlier history, predictions or adapter can pass for its own."""
+    early = make_cfg("train.precision=fp16")  # fails at its start on CPU, before any evaluation
+    cfg = make_cfg()
+    for config in (early, cfg):  # an earlier attempt's files and failed row
+        artifacts = rows.artifacts_dir(config.results_dir, config.sweep_name, run_keys.run_key(config))
+        artifacts.mkdir(parents=True)
+        pd.DataFrame({"step": [999], "score": [0.9]}).to_parquet(artifacts / "history.parquet")
+        (artifacts / "adapter.safetensors").write_bytes(b"an earlier attempt's")
+        rows.write_row(config.results_dir, config.sweep_name,
+                       {"run_key": run_keys.run_key(config), "status": "failed"})
+    with pytest.raises(ConfigError, match="fp16"):
+        run(early)
+    earlier = rows.artifacts_dir(early.results_dir, early.sweep_name, run_keys.run_key(early))
+    assert pd.read_parquet(earlier / "history.parquet").step.tolist() == [999]
+    kept = rows.read_row(rows.row_path(early.results_dir, early.sweep_name, run_keys.run_key(early)))
+    assert kept["status"] == "failed"
+    row = run(cfg)
+    assert row["status"] == "ok"
+    history = pd.read_parquet(artifacts / "history.parquet")
+    assert 999 not in history.step.tolist()
+    assert (artifacts / "adapter.safetensors").read_bytes() != b"an earlier attempt's"
 
 
 def test_same_config_is_skipped_and_changed_config_gets_a_new_key(make_cfg):

@@ -200,6 +200,28 @@ def test_rerun_true_runs_again_over_an_ok_row_and_keeps_its_key(make_cfg):
     assert again["wall_seconds"] != first["wall_seconds"]
 
 
+def test_a_rerun_stopped_before_training_keeps_the_ok_row_and_its_files(make_cfg):
+    """rerun=true replaces a run's row and files only once it is about to train: an error found before (here the
+    device, which is not in the key) leaves the ok row with its own history and predictions."""
+    cfg = make_cfg("task=rte")
+    first = run_module.run(cfg)
+    artifacts = rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, first["run_key"])
+    before = (artifacts / "history.parquet").read_bytes()
+    with pytest.raises(ConfigError, match="device"):
+        run_module.run(make_cfg("task=rte", "rerun=true", "device=cuda:99"))
+    kept = rows.read_row(rows.row_path(cfg.results_dir, cfg.sweep_name, first["run_key"]))
+    assert rows.is_done(kept) and kept["wall_seconds"] == first["wall_seconds"]
+    assert (artifacts / "history.parquet").read_bytes() == before and (artifacts / "predictions.parquet").exists()
+
+
+def test_rerun_true_makes_a_sweep_job_with_an_ok_row_run_again(make_cfg):
+    run_module.run(make_cfg("task=rte"))
+    assert sweep.job_state(make_cfg("task=rte"), []).done
+    state = sweep.job_state(make_cfg("task=rte", "rerun=true"), ["rerun=true"])
+    assert (state.status, state.done) == ("rerun", False)
+    assert sweep.todo_jobs("warm", [state]) == [state]
+
+
 @pytest.mark.slow
 def test_a_sweep_whose_source_fails_records_its_users_error_naming_the_source(harness_cli, tmp_path):
     diverges = ", train.lr=1e12, train.max_grad_norm=null, train.schedule=constant, train.warmup_ratio=0"

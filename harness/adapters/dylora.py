@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -118,5 +119,7 @@ class DyLoRA(LoRA):
             yield f"r={b}", self.at_rank(model, b)
 
     def row_columns(self, extra_scores: dict[str, float]) -> dict[str, Any]:
-        """rank_scores_json: {"r=<b>": primary score at rank b} of the last evaluation."""
-        return {"rank_scores_json": json.dumps(extra_scores)} if extra_scores else {}
+        """rank_scores_json: {"r=<b>": primary score at rank b} of the last evaluation; null where a truncated
+        rank's score is undefined (constant predictions: a NaN correlation), so an ok row holds no NaN."""
+        finite = {label: score if math.isfinite(score) else None for label, score in extra_scores.items()}
+        return {"rank_scores_json": json.dumps(finite)} if extra_scores else {}

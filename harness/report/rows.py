@@ -3,11 +3,13 @@ saved predictions and history."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -142,14 +144,39 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
         raise ReportError(
             f"{len(duplicated)} ok rows share variant, rank, impl, task and seed but differ in "
             f"{', '.join(differs) or 'their run_key only'} (e.g. runs {', '.join(first.run_key)}): a table cell "
-            "would mix two configurations as if they were seeds. Report them separately (one results folder "
-            "each), or filter the rows first (report.select, or pandas on report.load(...)).")
+            f"would mix two configurations as if they were seeds. {REPORT_SEPARATELY}")
+    for (_, task), cell in ok.groupby(["group", "task"], sort=False):
+        if len(cell) < 2:
+            continue
+        rank = cell["rank"].iloc[0]
+        method = cell.variant.iloc[0] + ("" if pd.isna(rank) else f" r={int(rank)}")
+        differs = [k for k in config_differences(cell.config_json.tolist()) if k not in SEED_KEYS]
+        if "precision" in cell and cell.precision.nunique(dropna=False) > 1:  # auto: bf16 here, fp32 there
+            differs.append(f"precision as computed ({', '.join(sorted(map(str, cell.precision.unique())))})")
+        if differs:
+            raise ReportError(
+                f"the ok rows of {method} on {task} (seeds {', '.join(map(str, sorted(cell.seed)))}) differ in "
+                f"{', '.join(differs)} (runs {', '.join(cell.run_key)}): their cell would mix configurations as if "
+                f"they were seeds (the sweep file changed between sittings, say). {REPORT_SEPARATELY}")
     return ok
+
+
+REPORT_SEPARATELY = ("Report them separately (one results folder each), or filter the rows first (report.select, "
+                     "or pandas on report.load(...)).")
+# What differs between the seeds of one cell by design: the seed, what is drawn from it (VeRA's shared matrices),
+# and a warm start's source (the same task's run of that seed).
+SEED_KEYS = {"seed", "variant.seed", "init_from"}
+
+
+@functools.cache
+def flat_config(config_json: str) -> dict[str, Any]:
+    """A row's config_json as dotted keys, paths and devices left out (cached: every table checks its cells)."""
+    return flatten(run_keys.semantic_config(OmegaConf.create(json.loads(config_json))))
 
 
 def config_differences(configs: Sequence[str]) -> list[str]:
     """Dotted keys whose values differ between the given config_json strings (paths and devices ignored)."""
-    flat = [flatten(run_keys.semantic_config(OmegaConf.create(json.loads(c)))) for c in configs]
+    flat = [flat_config(c) for c in configs]
     keys = sorted(set().union(*flat))
     return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1]
 
@@ -217,27 +244,39 @@ def apply_selection(rows: pd.DataFrame, selection: str = "eval_best") -> pd.Data
         ok = rows.status == "ok"
     metric_columns = [c for c in rows if c.startswith("metric_")]
     for i in rows.index[ok]:
-        values = None
-        if selection == "last" and isinstance(rows.at[i, "last_metrics_json"], str):
-            values = json.loads(rows.at[i, "last_metrics_json"])
-        elif selection == "heldout":
-            history = Path(rows.at[i, "artifacts"]) / "history.parquet"
-            if history.exists():
-                frame = pd.read_parquet(history)
-                frame = frame[frame["setting"].isna()] if "setting" in frame else frame
-                hit = frame[frame.step == rows.at[i, "selected_step"]]
-                values = hit.iloc[0].to_dict() if len(hit) else None
-        if values is not None:
-            for column in metric_columns:
-                rows.at[i, column] = values.get(column.removeprefix("metric_"))
-        if selection != "eval_best":
-            rows.at[i, "score_best"] = rows.at[i, score]  # the plots and the rank curve read score_best
+        if selection == "eval_best":
+            continue
+        values = selected_evaluation(rows.loc[i], selection)
+        for column in metric_columns:
+            rows.at[i, column] = values.get(column.removeprefix("metric_"))
+        rows.at[i, "score_best"] = rows.at[i, score]  # the plots and the rank curve read score_best
+        rows.at[i, "best_step"] = values["step"]
     rows["checkpoint"] = checkpoint
     # A row's own `degenerate` describes its train.selection's checkpoint (older rows: eval_best's).
     rows["degenerate"] = [degenerate_at(a, checkpoint, d if (sel if isinstance(sel, str) else "eval_best") == selection
                                         else None) if status == "ok" else None
                           for a, status, d, sel in zip(rows.artifacts, rows.status, rows.degenerate, rows.selection)]
     return rows
+
+
+def selected_evaluation(row: pd.Series, selection: str) -> dict:
+    """The metrics (and step) of the evaluation `selection` (last or heldout) names for an ok row: the row's
+    last_metrics_json, else its history (the model as trained). A ReportError when neither holds it: the row's
+    own metric columns are eval_best's, and a table must not show them under another selection's name."""
+    history_path = Path(row["artifacts"]) / "history.parquet"
+    if selection == "last" and isinstance(row["last_metrics_json"], str):
+        return json.loads(row["last_metrics_json"])
+    if history_path.exists():
+        history = pd.read_parquet(history_path)
+        history = history[history["setting"].isna()] if "setting" in history else history
+        step = row["selected_step"] if selection == "heldout" else history.step.max()
+        hit = history[history.step == step]
+        if len(hit):
+            return hit.iloc[0].to_dict()
+    raise ReportError(
+        f"run {row['run_key']} ({row['variant']}, {row['task']}, seed {row['seed']}): --selection {selection} needs "
+        f"its {'selected' if selection == 'heldout' else 'last'} evaluation, and {history_path} does not hold it. "
+        "Restore the run's folder (git checkout, or a copy of results/), or run it again with rerun=true.")
 
 
 def degenerate_at(artifacts: str | Path, checkpoint: str, recorded=None) -> bool | None:
@@ -267,8 +306,9 @@ def histories(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def rank_scores(rows: pd.DataFrame) -> pd.DataFrame:
-    """DyLoRA's score per evaluated rank as long rows, at the run's best evaluation (the one the table scores),
-    from its history; a run without history gives its row's rank_scores_json (those of its last evaluation)."""
+    """DyLoRA's score per evaluated rank as long rows, at the evaluation the table scores (best_step, which
+    apply_selection moves to the selection's), from its history; a run without history gives its row's
+    rank_scores_json (those of its last evaluation)."""
     ok = ok_rows(rows)
     ok = ok[ok.rank_scores_json.notna()]
     out = []

@@ -50,6 +50,8 @@ def job_state(cfg: DictConfig, overrides: list[str]) -> JobState:
     if row is None:
         return JobState(list(overrides), key, "todo")
     status = "nan" if row["status"] == "ok" and not rows.is_done(row) else row["status"]  # ok, with a NaN score
+    if status == "ok" and cfg.get("rerun"):  # rerun=true: the job runs and replaces its ok row
+        status = "rerun"
     has_adapter = rows.adapter_file(cfg.results_dir, cfg.sweep_name, key) is not None
     return JobState(list(overrides), key, status, row.get("device"), has_adapter=has_adapter)
 
