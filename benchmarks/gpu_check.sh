@@ -130,7 +130,7 @@ for (variant, precision), group in rows.groupby(["variant", "precision"]):
     backend = json.loads(long["extra_json"] or "{}").get("quant_backend", "")
     print(f"{variant:<7} {precision:<5} {'ok':<7} {1e3 * short['train_seconds'] / short['steps']:>12.1f} "
           f"{steady_ms:>14} {samples:>16} {mib(long['cuda_peak_allocated_bytes']):>14} "
-          f"{mib(long['cuda_peak_reserved_bytes']):>12} {long['train_padding_ratio']:>9.3f} {backend}")
+          f"{mib(long['cuda_peak_reserved_bytes']):>12} {long['train_padding_ratio'] or float('nan'):>9.3f} {backend}")
 EOF
   step "done"
 }

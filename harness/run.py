@@ -91,11 +91,13 @@ def run_start_time() -> float:
 @dataclass
 class Attempt:
     """What one run has reached so far, so that every way it ends writes a row from it: when it started, its
-    artifacts folder, its tracker, what was assembled, and the training loop (whose outcome holds what training
-    measured, up to a failure)."""
+    artifacts folder, the row an earlier attempt left (and whether it is gone yet), its tracker, what was
+    assembled, and the training loop (whose outcome holds what training measured, up to a failure)."""
 
     started: float
     artifacts: Path
+    earlier: dict[str, Any] | None = None
+    discarded: bool = False
     tracker: trackers.Trackers = field(default_factory=trackers.Trackers)
     setup: Assembled | None = None
     loop: TrainingLoop | None = None
@@ -118,7 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trackers.check_installed(cfg)  # a missing tracker package stops the run here, before it has a row
     rows.check_writable(cfg.results_dir, cfg.sweep_name)
     row = identity_columns(cfg, key)
-    attempt = Attempt(started, rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, key))
+    attempt = Attempt(started, rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, key), earlier=existing)
     log.info("run %s: %s", key, describe(cfg))
     try:
         with lifecycle.interruptible():  # a stop signal may cut the run here (under lifecycle.run_guard)
@@ -131,11 +133,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             setup.model.to(device)
             splits = read_splits(cfg, setup)
             row.update(split_columns(splits, cfg.train.batch_size))
-            discard_earlier_attempt(cfg, key, existing, attempt.artifacts)
-            attempt.tracker = trackers.Trackers.start(cfg, key, describe(cfg))  # it writes into the run's folder
-            row["tracker_run_ids"] = attempt.tracker.run_ids()
-            attempt.loop = TrainingLoop(setup, splits, cfg.train, device, cfg.seed, attempt.tracker,
+            attempt.loop = TrainingLoop(setup, splits, cfg.train, device, cfg.seed,  # its checks: schedule, optimizer
                                         keep_best_state=bool(cfg.save_adapter))
+            discard_earlier_attempt(cfg, key, attempt)  # from here on, whatever happens, this attempt writes a row
+            attempt.tracker = attempt.loop.tracker = trackers.Trackers.start(cfg, key, describe(cfg))  # in the folder
+            row["tracker_run_ids"] = attempt.tracker.run_ids()
             outcome = train_and_check(attempt.loop)
             if cfg.save_adapter:
                 row["adapter_bytes"] = save_artifacts(setup, outcome, attempt.artifacts)
@@ -151,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except NoScore as err:
         row.update(status="failed", error=str(err))
     except HarnessError as err:
-        if attempt.outcome.steps == 0:  # bad config, data or environment, found before training: an error, not a run
+        if not attempt.discarded:  # bad config, data or environment, found before training: an error, not a run
             raise
         row.update(status="failed", error=f"{type(err).__name__}: {err}")
     except Exception as err:  # noqa: BLE001 - every failure becomes a row; the traceback goes to the log
@@ -162,15 +164,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return row
 
 
-def discard_earlier_attempt(cfg: DictConfig, key: str, existing: dict[str, Any] | None, artifacts: Path) -> None:
-    """Remove what an earlier attempt at this run left (a failed one's files, or the ok row and files `rerun`
-    replaces), once this attempt is about to train: an error found before training leaves them as they were, and
-    from here on no earlier history or predictions can pass for this attempt's. The row goes first, so a run
-    killed outright from here on leaves no row and is run again, never an old ok row without its files."""
-    if existing is not None:
-        log.info("run %s: replacing its earlier %s row and files", key, existing["status"])
+def discard_earlier_attempt(cfg: DictConfig, key: str, attempt: Attempt) -> None:
+    """Remove what an earlier attempt at this run left (a failed one's row and files, or the ok ones `rerun`
+    replaces) before this attempt writes anything of its own: once it is about to train, or when it ends before
+    that with a row (a crash, a stop signal). A config, data or environment error found before training leaves
+    them as they were. The row goes first, so a run killed outright from here on leaves no row and is run again,
+    never an old ok row without its files; and no earlier history or adapter can pass for this attempt's."""
+    if attempt.discarded:
+        return
+    if attempt.earlier is not None:
+        log.info("run %s: replacing its earlier %s row and files", key, attempt.earlier["status"])
         rows.row_path(cfg.results_dir, cfg.sweep_name, key).unlink(missing_ok=True)
-    shutil.rmtree(artifacts, ignore_errors=True)
+    shutil.rmtree(attempt.artifacts, ignore_errors=True)
+    attempt.discarded = True
 
 
 def identity_columns(cfg: DictConfig, key: str) -> dict[str, Any]:
@@ -302,6 +308,7 @@ def finish(cfg: DictConfig, row: dict[str, Any], attempt: Attempt) -> None:
     if outcome.first_step_at is not None:
         row["setup_seconds"] = outcome.first_step_at - attempt.started
     row.setdefault("status", "failed")
+    discard_earlier_attempt(cfg, row["run_key"], attempt)  # ended before training: never beside an earlier one's files
     artifacts.mkdir(parents=True, exist_ok=True)
     (artifacts / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if outcome.history:

@@ -302,14 +302,17 @@ class TrainingLoop:
         self.collate = setup.task.collate(setup.tokenizer)
         self.amp_dtype = resolve_precision(cfg.precision, device)
         self.outcome = TrainOutcome(selection=cfg.get("selection", "eval_best"))
+        # The last checks before training (the schedule against the variant, the optimizer's groups) run here, so
+        # that a ConfigError comes before the run touches its folder (harness.run.discard_earlier_attempt).
+        self.loader = train_loader(data.train, self.collate, cfg, device, seed)
+        self.total_steps, self.outcome.warmup_steps, self.steps_per_epoch = schedule_steps(cfg, len(self.loader))
+        setup.variant.check_schedule(self.total_steps)
+        self.optimizer = build_optimizer(setup.model, setup.variant, setup.head, cfg)
 
     def run(self) -> TrainOutcome:
         cfg, outcome, model, variant = self.cfg, self.outcome, self.setup.model, self.setup.variant
-        loader = train_loader(self.data.train, self.collate, cfg, self.device, self.seed)
-        total_steps, warmup, steps_per_epoch = schedule_steps(cfg, len(loader))
-        variant.check_schedule(total_steps)
-        outcome.warmup_steps = warmup
-        optimizer = build_optimizer(model, variant, self.setup.head, cfg)
+        loader, optimizer = self.loader, self.optimizer
+        total_steps, warmup, steps_per_epoch = self.total_steps, outcome.warmup_steps, self.steps_per_epoch
         scheduler = make_scheduler(optimizer, cfg.schedule, warmup, total_steps)
         # fp16 needs loss scaling; trainable parameters stay fp32 either way (autocast casts per op).
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)

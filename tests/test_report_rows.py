@@ -48,7 +48,11 @@ def test_a_selection_whose_evaluation_is_missing_is_an_error(report_rows_dir, tm
     rows = report.load(report_rows_dir)
     first = rows.index[rows.status == "ok"][0]
     rows.at[first, "last_metrics_json"] = None  # an older row: the history has it
-    assert report.apply_selection(rows, "last").at[first, "score_best"] == rows.at[first, "score_last"]
+    history = pd.read_parquet(f"{rows.at[first, 'artifacts']}/history.parquet")
+    last = history[history.step == history.step.max()].iloc[0]
+    rows.at[first, "metric_accuracy"] = -1.0  # not the last evaluation's: the history's must replace it
+    at_last = report.apply_selection(rows, "last").loc[first]
+    assert (at_last.metric_accuracy, at_last.best_step) == (last.accuracy, last.step)
     rows.at[first, "artifacts"] = str(tmp_path)  # and its folder is gone
     with pytest.raises(report.ReportError, match="--selection last needs its last evaluation"):
         report.apply_selection(rows, "last")
@@ -72,6 +76,9 @@ def test_dylora_rank_curve_is_read_at_the_tables_evaluation(tmp_path):
                           "rank_scores_json": json.dumps({"r=1": 0.3, "r=8": 0.5})}])  # the last evaluation's
     curve = report.rank_scores(rows).set_index("rank")
     assert curve.score.to_dict() == {1: 0.6, 8: 0.8}
+    heldout = rows.assign(selection="heldout", selected_step=20, score_selected=0.5, run_key="k" * 16)
+    curve = report.rank_scores(report.apply_selection(heldout, "heldout")).set_index("rank")
+    assert curve.score.to_dict() == {1: 0.3, 8: 0.5}  # the table's evaluation under --selection heldout
 
 
 # ---- which evaluation a table reports (issue 14) -----------------------------------------------------

@@ -69,6 +69,38 @@ def test_a_retry_keeps_the_earlier_attempts_files_until_it_trains_then_replaces_
     assert (artifacts / "adapter.safetensors").read_bytes() != b"an earlier attempt's"
 
 
+def test_a_schedule_error_found_by_the_training_loop_still_leaves_the_earlier_attempt(make_cfg):
+    """Delta-LoRA's K against the run's steps is the last check before training (the loop's): it must come before
+    the run touches the earlier attempt's row and files."""
+    cfg = make_cfg("variant=delta_lora", "variant.start_step=100000")
+    key = run_keys.run_key(cfg)
+    rows.write_row(cfg.results_dir, cfg.sweep_name, {"run_key": key, "status": "failed"})
+    artifacts = rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, key)
+    artifacts.mkdir(parents=True)
+    (artifacts / "config.yaml").write_text("an earlier attempt's")
+    with pytest.raises(ConfigError, match="start_step"):
+        run(cfg)
+    assert rows.read_row(rows.row_path(cfg.results_dir, cfg.sweep_name, key))["status"] == "failed"
+    assert (artifacts / "config.yaml").read_text() == "an earlier attempt's"
+
+
+def test_a_rerun_that_crashes_before_training_writes_its_row_without_the_earlier_files(make_cfg, monkeypatch):
+    """Not a config error but a crash (or a stop signal) while loading: the run ends as a row, and that row must not
+    sit beside the ok attempt's history, predictions and adapter, which a report would read as its own."""
+    cfg = make_cfg()
+    first = run(cfg)
+    artifacts = rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, first["run_key"])
+    assert (artifacts / "history.parquet").exists()
+
+    def crash(*_):
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(run_module, "read_splits", crash)
+    row = run(make_cfg("rerun=true"))
+    assert row["status"] == "failed" and "disk went away" in row["error"]
+    assert sorted(p.name for p in artifacts.iterdir()) == ["config.yaml"]
+
+
 def test_same_config_is_skipped_and_changed_config_gets_a_new_key(make_cfg):
     first = run(make_cfg())
     again = run(make_cfg())

@@ -7,8 +7,9 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -151,8 +152,9 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
         rank = cell["rank"].iloc[0]
         method = cell.variant.iloc[0] + ("" if pd.isna(rank) else f" r={int(rank)}")
         differs = [k for k in config_differences(cell.config_json.tolist()) if k not in SEED_KEYS]
-        if "precision" in cell and cell.precision.nunique(dropna=False) > 1:  # auto: bf16 here, fp32 there
-            differs.append(f"precision as computed ({', '.join(sorted(map(str, cell.precision.unique())))})")
+        for column, what in (("precision", "precision as computed"), ("data_fingerprint", "data files")):
+            if column in cell and cell[column].nunique(dropna=False) > 1:  # auto: bf16 here, fp32 there
+                differs.append(f"{what} ({', '.join(sorted(map(str, cell[column].unique())))})")
         if differs:
             raise ReportError(
                 f"the ok rows of {method} on {task} (seeds {', '.join(map(str, sorted(cell.seed)))}) differ in "
@@ -169,9 +171,10 @@ SEED_KEYS = {"seed", "variant.seed", "init_from"}
 
 
 @functools.cache
-def flat_config(config_json: str) -> dict[str, Any]:
-    """A row's config_json as dotted keys, paths and devices left out (cached: every table checks its cells)."""
-    return flatten(run_keys.semantic_config(OmegaConf.create(json.loads(config_json))))
+def flat_config(config_json: str) -> Mapping[str, Any]:
+    """A row's config_json as dotted keys, paths and devices left out (cached, so read-only: every table checks
+    its cells)."""
+    return MappingProxyType(flatten(run_keys.semantic_config(OmegaConf.create(json.loads(config_json)))))
 
 
 def config_differences(configs: Sequence[str]) -> list[str]:

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class JobState:
     overrides: list[str]
     run_key: str
-    status: str  # a row's status (ok, failed, ...) or "todo" when the run has no row yet
+    status: str  # a row's status (ok, failed, ...), "todo" without one, "rerun" for an ok one rerun=true runs again
     device: str | None = None  # where the row was measured (its speed and memory belong to that device)
     source: str | None = None  # run_key of the run this one starts from (init_from), if any
     has_adapter: bool = False  # its adapter file exists (what a run that starts from this one loads)

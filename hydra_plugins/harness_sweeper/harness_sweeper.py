@@ -124,7 +124,7 @@ class HarnessSweeper(BasicSweeper):
             if self.lost:
                 log.error("%s", format_lost_jobs(self.lost))
             raise SweepsFailed(f"{failures} of {len(todo)} jobs did not end ok (listed above); "
-                               "re-running the same command retries them and skips the rest")
+                               "re-running the same command (without rerun=true) retries them and skips the rest")
         return returns
 
     def launch_batches(self, todo: List[List[str]], keys: List[str],
