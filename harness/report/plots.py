@@ -279,11 +279,6 @@ def primary_of(rows: pd.DataFrame, task: str) -> str:
     return name + (" x100" if task_scale(rows, task) == 100 else "")
 
 
-# The evaluation each --selection scores (report.rows.SELECTIONS' checkpoint names), in a title's words.
-CHECKPOINT_WORDS = {"best": "its best evaluation", "last": "its last evaluation",
-                    "selected": "the evaluation its held-out slice picked"}
-
-
 @styled
 def plot_rank_curve(rows: pd.DataFrame, scores: pd.DataFrame | None = None):
     """DyLoRA: one trained adapter evaluated truncated to each rank; median over seeds (± std) per task."""
@@ -310,9 +305,8 @@ def plot_rank_curve(rows: pd.DataFrame, scores: pd.DataFrame | None = None):
         ax.minorticks_off()
         finish_axes(ax, f"{task_label(task)}: score by evaluated rank",
                     "rank used at evaluation (log scale)", primary_of(rows, task))
-    checkpoint = rows["checkpoint"].iloc[0] if "checkpoint" in rows and len(rows) else "best"
-    fig.suptitle("DyLoRA: one adapter, scored at every rank up to the trained one, at "
-                 f"{CHECKPOINT_WORDS.get(checkpoint, checkpoint)} (median over seeds, bars: std)")
+    fig.suptitle("DyLoRA: one adapter, scored at every rank up to the trained one, at the evaluation the results "
+                 "table scores (median over seeds, bars: std)")
     legend_below(fig, axes)
     return fig
 

@@ -246,9 +246,7 @@ def apply_selection(rows: pd.DataFrame, selection: str = "eval_best") -> pd.Data
         rows = rows[~ok | (rows.selection == "heldout")].copy()
         ok = rows.status == "ok"
     metric_columns = [c for c in rows if c.startswith("metric_")]
-    for i in rows.index[ok]:
-        if selection == "eval_best":
-            continue
+    for i in rows.index[ok] if selection != "eval_best" else []:  # eval_best: the rows as written
         values = selected_evaluation(rows.loc[i], selection)
         for column in metric_columns:
             rows.at[i, column] = values.get(column.removeprefix("metric_"))
