@@ -42,6 +42,23 @@ def test_seeds_of_one_cell_run_under_two_configs_are_refused(report_rows_dir):
         report.paper_table(other_precision)
 
 
+def test_seeds_warm_started_from_sources_of_different_tasks_are_refused(report_rows_dir):
+    """init_from holds only the source's run_key, so the cell's own configs agree: the sources' must too."""
+    rows = report.load(report_rows_dir)
+    ok = rows[rows.status == "ok"]
+    cell = ok[(ok.variant == "lora") & (ok["rank"] == 8) & (ok.task == "rte")].sort_values("seed")
+    lora_sources = ok[(ok.variant == "lora") & (ok["rank"] == 8) & (ok.task != "rte")].sort_values("seed")
+    assert len(cell) == len(lora_sources) == 2
+    warm = rows.copy()
+    warm["init_from"] = None
+    warm.loc[cell.index, "init_from"] = lora_sources.run_key.tolist()
+    report.paper_table(warm)  # one source task, its two seeds: a cell
+    other_task = ok[(ok.variant == "lora") & (ok["rank"] == 8) & (ok.task == "rte")].seed.idxmax()
+    warm.at[cell.index[1], "init_from"] = rows.at[other_task, "run_key"]
+    with pytest.raises(report.ReportError, match=r"lora r=8 on rte .* differ in their warm-start sources' .*task\.name"):
+        report.paper_table(warm)
+
+
 def test_a_selection_whose_evaluation_is_missing_is_an_error(report_rows_dir, tmp_path):
     """A row's metric columns are eval_best's: where neither last_metrics_json nor the history holds the last
     evaluation, --selection last must say so, not show the best evaluation's numbers as the last."""

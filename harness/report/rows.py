@@ -155,6 +155,8 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
         for column, what in (("precision", "precision as computed"), ("data_fingerprint", "data files")):
             if column in cell and cell[column].nunique(dropna=False) > 1:  # auto: bf16 here, fp32 there
                 differs.append(f"{what} ({', '.join(sorted(map(str, cell[column].unique())))})")
+        if source_keys := source_differences(cell, rows):
+            differs.append(f"their warm-start sources' {', '.join(source_keys)}")
         if differs:
             raise ReportError(
                 f"the ok rows of {method} on {task} (seeds {', '.join(map(str, sorted(cell.seed)))}) differ in "
@@ -163,10 +165,21 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
     return ok
 
 
+def source_differences(cell: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
+    """Config keys in which the warm-start sources of one cell's seeds differ, their own seed keys aside (seed 0
+    started from MNLI's LoRA, seed 1 from QNLI's: init_from holds only the source's run_key, so the cell's own
+    configs agree). Sources that are not among `rows` (another results folder) cannot be compared."""
+    if "init_from" not in cell:
+        return []
+    configs = rows.drop_duplicates("run_key").set_index("run_key").config_json
+    sources = [configs[key] for key in cell.init_from.dropna().unique() if key in configs.index]
+    return [key for key in config_differences(sources) if key not in SEED_KEYS] if len(sources) > 1 else []
+
+
 REPORT_SEPARATELY = ("Report them separately (one results folder each), or filter the rows first (report.select, "
                      "or pandas on report.load(...)).")
 # What differs between the seeds of one cell by design: the seed, what is drawn from it (VeRA's shared matrices),
-# and a warm start's source (the same task's run of that seed).
+# and a warm start's source (its run_key: the sources' own configs must agree, `source_differences`).
 SEED_KEYS = {"seed", "variant.seed", "init_from"}
 
 
