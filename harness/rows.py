@@ -170,14 +170,17 @@ def has_ok_row(results_dir: str | Path, sweep: str, key: str) -> bool:
 
 
 def read_rows(*dirs: str | Path, set_aside: bool = False) -> pd.DataFrame:
-    """Every complete row under the given results folders (a sweep folder, or a folder of sweeps). An unreadable
-    file is skipped with a warning naming it (and moved to runs/.corrupt/ with `set_aside`)."""
+    """Every complete row under the given results folders (a sweep folder, or a folder of sweeps), with the
+    `artifacts` folder beside each row's file (its history, predictions and adapters: the same run_key can sit in
+    two sweeps). An unreadable file is skipped with a warning naming it (and moved to runs/.corrupt/ with
+    `set_aside`)."""
     files = []
     for folder in map(Path, dirs):
         files += sorted(folder.glob("runs/*.parquet")) + sorted(folder.glob("*/runs/*.parquet"))
-    tables = [t for t in (read_table(f, set_aside) for f in files) if t is not None]
+    tables = [table.append_column("artifacts", pa.array([str(file.with_suffix(""))] * table.num_rows))
+              for file, table in ((f, read_table(f, set_aside)) for f in files) if table is not None]
     if not tables:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in [*COLUMNS, "artifacts"]})
     # Rows written before a column was added lack it: they read as null there (promote), not as an error.
     frame = pa.concat_tables(tables, promote_options="default").to_pandas()
     return frame.reindex(columns=[*COLUMNS, *(c for c in frame.columns if c not in COLUMNS)])
@@ -187,7 +190,8 @@ def load_rows(*dirs: str | Path, ok_only: bool = False, flatten_config: bool = F
               with_history: bool = False) -> pd.DataFrame:
     """Every row under the results folders as one DataFrame: `harness.load_rows("results/cpu_glue")`.
 
-    A folder is a sweep's (results/<sweep>) or one holding sweeps (results). `ok_only`: only runs that ended ok.
+    A folder is a sweep's (results/<sweep>) or one holding sweeps (results); `artifacts` is each run's folder
+    (history.parquet, predictions.parquet, adapters). `ok_only`: only runs that ended ok.
     `flatten_config`: the resolved config as columns too, `config.train.lr`, `config.variant.r`, ... (lists stay
     lists). `with_history`: one line per evaluation, the run's columns repeated beside its history.parquet's
     (step, epoch, train_loss, score, the metrics; `setting` for DyLoRA's per-rank lines); a run that never
@@ -213,14 +217,10 @@ def load_rows(*dirs: str | Path, ok_only: bool = False, flatten_config: bool = F
                                     sep=".").add_prefix("config.")
         frame = pd.concat([frame, configs.set_index(frame.index)], axis=1)
     if with_history:
-        histories = []
-        for sweep, key in zip(frame["sweep"], frame["run_key"]):
-            folders = [Path(d) / "runs" / key for d in dirs] + [Path(d) / sweep / "runs" / key for d in dirs]
-            path = next((f / "history.parquet" for f in folders if (f / "history.parquet").is_file()), None)
-            if path is not None:
-                histories.append(pd.read_parquet(path).assign(sweep=sweep, run_key=key))
+        histories = [pd.read_parquet(Path(folder) / "history.parquet").assign(artifacts=folder)
+                     for folder in frame["artifacts"] if (Path(folder) / "history.parquet").is_file()]
         if histories:
-            frame = frame.merge(pd.concat(histories, ignore_index=True), on=["sweep", "run_key"], how="left",
+            frame = frame.merge(pd.concat(histories, ignore_index=True), on="artifacts", how="left",
                                 suffixes=("", "_history"))
     return frame
 

@@ -115,7 +115,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     existing = rows.read_row(rows.row_path(cfg.results_dir, cfg.sweep_name, key))
     if rows.is_done(existing) and not cfg.get("rerun"):
         log.info("skip %s: run %s already has an ok row", describe(cfg), key)
-        warn_if_measured_elsewhere(existing, cfg.device)
+        warn_if_measured_elsewhere(existing, cfg.device, cfg.train.precision)
         return existing
     trackers.check_installed(cfg)  # a missing tracker package stops the run here, before it has a row
     rows.check_writable(cfg.results_dir, cfg.sweep_name)
@@ -224,11 +224,13 @@ def train_and_check(loop: TrainingLoop) -> TrainOutcome:
 
 def save_artifacts(setup: Assembled, outcome: TrainOutcome, artifacts: Path) -> int:
     """The trained adapter and head (adapter.safetensors), the selected evaluation's when it is not the last
-    (adapter_best.safetensors, per train.selection), and other tools' formats; returns the adapter's bytes."""
+    (adapter_best.safetensors, per train.selection), and other tools' formats of the selected one, the checkpoint
+    the row scores (the model is left at it); returns the adapter's bytes."""
     model, variant = setup.model, setup.variant
     adapter_bytes = save_adapter(model, variant, artifacts / "adapter.safetensors")
     if outcome.selected is not None and outcome.selected["step"] != outcome.last["step"]:
         save_adapter(model, variant, artifacts / "adapter_best.safetensors", outcome.best_state)
+        model.load_state_dict(outcome.best_state, strict=False)
     variant.save_other_formats(model, artifacts, setup.head, setup.targeted)
     return adapter_bytes
 
@@ -376,19 +378,27 @@ def describe(cfg: DictConfig) -> str:
             + f" model={cfg.model.name} seed={cfg.seed}")
 
 
-def warn_if_measured_elsewhere(existing: dict[str, Any], device_name: str) -> None:
-    """The run_key leaves the device out (a config scores the same, to float noise, anywhere), so a sweep resumed
-    on other hardware keeps rows whose speed and memory were measured elsewhere: say so, rather than mix devices
-    silently."""
+def warn_if_measured_elsewhere(existing: dict[str, Any], device_name: str, precision: str) -> None:
+    """The run_key leaves the device out (a config scores the same, to float noise, anywhere) and holds
+    `precision=auto` as written, so a sweep resumed on other hardware keeps rows whose speed and memory were
+    measured elsewhere, or that `auto` computed in another precision than it would here: say so, rather than mix
+    devices silently (the report refuses a cell whose seeds computed in two precisions)."""
     try:
-        here = describe_device(resolve_device(device_name))
+        device = resolve_device(device_name)
     except ConfigError:
         return
+    here = describe_device(device)
     measured_on = existing.get("device") or ""
     if measured_on and device_kind(measured_on) != device_kind(here):
         log.warning("run %s is kept as it is: its ok row was measured on %s, but this sitting runs on %s, so its "
                     "throughput and memory columns describe %s. To measure on this device, run with another "
                     "sweep_name (or results_dir).", existing["run_key"], measured_on, here, measured_on)
+    computed_in, would_compute = existing.get("precision"), concrete_precision(precision, device)
+    if computed_in and computed_in != would_compute:
+        log.warning("run %s is kept as it is: its ok row computed in %s (train.precision=%s), which is %s on this "
+                    "machine: the runs of this sitting would not compute as it did, and the report will not put "
+                    "them in one cell. Resume on a machine where it is %s, or run this sitting with another "
+                    "sweep_name.", existing["run_key"], computed_in, precision, would_compute, computed_in)
 
 
 def device_kind(description: str) -> str:

@@ -53,3 +53,24 @@ def test_the_best_evaluation_is_saved_too_and_reproduces_its_predictions(make_cf
     for checkpoint, file in [("best", "adapter_best.safetensors"), ("last", "adapter.safetensors")]:
         expected = saved.query("checkpoint == @checkpoint")["prediction"]
         np.testing.assert_array_equal(reload_and_predict(cfg, artifacts / file), expected)
+
+
+
+def test_the_peft_copy_is_the_checkpoint_the_row_scores(make_cfg):
+    """`peft_adapter/` is what a user loads into peft to use the run (tests/test_variants.py checks it predicts
+    what our model predicts): it must hold the selected evaluation's weights, the row's score, not the last."""
+    from safetensors.torch import load_file
+
+    from harness import adapters
+    from harness.adapters.peft_bridge import peft_key
+
+    cfg = make_cfg("train.max_steps=12", "train.eval_every_steps=2", "train.lr=5e-2", "variant=lora", "seed=1")
+    row = run(cfg)
+    assert row["best_step"] != row["steps"], "this config must give a best evaluation before the last one"
+    artifacts = rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, row["run_key"])
+    best, last = (load_file(artifacts / f) for f in ("adapter_best.safetensors", "adapter.safetensors"))
+    in_peft = load_file(artifacts / "peft_adapter" / "adapter_model.safetensors")
+    variant = adapters.build(cfg.variant)
+    assert any(not torch.equal(best[k], last[k]) for k in best), "the checkpoints must differ, or this could not fail"
+    for name, tensor in best.items():
+        torch.testing.assert_close(in_peft[peft_key(name, variant)], tensor, rtol=0, atol=0, msg=name)

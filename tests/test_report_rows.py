@@ -42,6 +42,20 @@ def test_seeds_of_one_cell_run_under_two_configs_are_refused(report_rows_dir):
         report.paper_table(other_precision)
 
 
+def test_seeds_whose_auto_settings_were_settled_differently_are_refused(report_rows_dir):
+    """QLoRA's backend=auto and compute_dtype=auto are settled per machine and recorded only in extra_json (the
+    run_key holds `auto`): a sweep resumed on a machine without bf16 must not pool its seeds with the others."""
+    rows = report.load(report_rows_dir)
+    cell = rows[(rows.status == "ok") & (rows.variant == "lora") & (rows["rank"] == 8) & (rows.task == "rte")]
+    facts = {"quant": "nf4", "quant_backend": "torchao", "compute_dtype": "bf16"}
+    settled = rows.copy()
+    settled.loc[cell.index, "extra_json"] = json.dumps(facts)
+    report.paper_table(settled)
+    settled.at[cell.index[1], "extra_json"] = json.dumps({**facts, "compute_dtype": "fp32"})
+    with pytest.raises(report.ReportError, match=r"lora r=8 on rte .* differ in what was assembled \(compute_dtype\)"):
+        report.paper_table(settled)
+
+
 def test_seeds_warm_started_from_sources_of_different_tasks_are_refused(report_rows_dir):
     """init_from holds only the source's run_key, so the cell's own configs agree: the sources' must too."""
     rows = report.load(report_rows_dir)

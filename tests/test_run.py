@@ -124,6 +124,23 @@ def test_a_skipped_row_from_another_device_is_kept_with_a_warning(make_cfg, capl
     assert "measured on" not in caplog.text  # another CPU host or thread count is the same kind of device
 
 
+def test_a_skipped_row_that_auto_computed_in_another_precision_is_kept_with_a_warning(make_cfg, caplog):
+    """precision=auto is in the run_key as `auto`: a sweep resumed where auto means fp32 keeps a bf16 row."""
+    cfg = make_cfg("train.precision=auto")
+    first = run(cfg)
+    other = "fp32" if first["precision"] == "bf16" else "bf16"
+    rows.write_row(cfg.results_dir, cfg.sweep_name, {**first, "precision": other})
+    with caplog.at_level(logging.WARNING, logger="harness.run"):
+        again = run(cfg)
+    assert again["precision"] == other and again["finished_at"] == first["finished_at"]
+    assert f"computed in {other} (train.precision=auto), which is {first['precision']} on this machine" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="harness.run"):
+        run(make_cfg("train.precision=fp32"))
+        run(make_cfg("train.precision=fp32"))
+    assert "computed in" not in caplog.text
+
+
 def test_regression_head_for_stsb(make_cfg):
     row = run(make_cfg("task=stsb"))
     assert row["status"] == "ok", row["error"]

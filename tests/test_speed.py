@@ -203,5 +203,5 @@ def test_rows_from_before_the_padding_and_time_columns_read_beside_new_ones(tmp_
                          old_schema)
     rows.write_row(tmp_path, "s", {"run_key": "new", "status": "ok", "score_best": 0.6, "wall_seconds": 9.0})
     table = rows.read_rows(tmp_path / "s").set_index("run_key")
-    assert list(table.reset_index().columns) == rows.COLUMNS
+    assert list(table.reset_index().columns) == [*rows.COLUMNS, "artifacts"]
     assert table.loc["new", "wall_seconds"] == 9.0 and np.isnan(table.loc["old", "wall_seconds"])

@@ -348,7 +348,8 @@ def test_load_rows_gives_every_row_as_one_frame_with_config_and_history_on_reque
     failed = run(make_cfg(*DIVERGING))  # a row without history
     folder = Path(make_cfg().results_dir) / "default"
     everything = harness.load_rows(folder)
-    assert sorted(everything.status) == ["diverged", "ok"] and list(everything.columns) == rows.COLUMNS
+    assert sorted(everything.status) == ["diverged", "ok"] and list(everything.columns) == [*rows.COLUMNS, "artifacts"]
+    assert set(everything.artifacts) == {str(folder / "runs" / r["run_key"]) for r in (ok, failed)}
     assert str(everything["rank"].dtype) == "Int64" and str(everything["steps"].dtype) == "Int64"
     assert list(harness.load_rows(folder.parent, ok_only=True).run_key) == [ok["run_key"]]
     flat = harness.load_rows(folder, flatten_config=True).set_index("run_key")
@@ -357,6 +358,23 @@ def test_load_rows_gives_every_row_as_one_frame_with_config_and_history_on_reque
     long = harness.load_rows(folder, with_history=True)
     assert list(long[long.run_key == ok["run_key"]].step) == [3, 6]
     assert long[long.run_key == failed["run_key"]].step.isna().all() and len(long) == 3
+
+
+def test_a_run_key_in_two_sweeps_reads_each_sweeps_own_history(make_cfg):
+    """run_key leaves sweep_name out, so one key can sit in two sweeps (two machines, two sittings): each row's
+    history and artifacts must be its own folder's, whichever folder is listed first."""
+    first = run(make_cfg("train.max_steps=2", "save_adapter=false", "sweep_name=host_a"))
+    second = run(make_cfg("train.max_steps=2", "save_adapter=false", "sweep_name=host_b"))
+    assert first["run_key"] == second["run_key"]
+    results = Path(make_cfg().results_dir)
+    history_b = results / "host_b" / "runs" / second["run_key"] / "history.parquet"
+    pd.read_parquet(history_b).assign(train_loss=123.0).to_parquet(history_b)  # host_b's run trained otherwise
+    long = harness.load_rows(results / "host_a", results / "host_b", with_history=True)
+    assert long.groupby("sweep").train_loss.first().to_dict()["host_b"] == 123.0
+    assert long.groupby("sweep").train_loss.first().to_dict()["host_a"] != 123.0
+    from harness import report
+    loaded = report.load(results / "host_a", results / "host_b").set_index("sweep")
+    assert loaded.loc["host_b", "artifacts"] == str(results / "host_b" / "runs" / second["run_key"])
 
 
 def test_load_rows_reads_the_committed_results_and_names_a_missing_folder():

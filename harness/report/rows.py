@@ -57,17 +57,10 @@ def load(*dirs: str | Path) -> pd.DataFrame:
     rows["kind"] = [json.loads(c).get("task", {}).get("kind") if isinstance(c, str) else None
                     for c in rows["config_json"]]
     rows["group"] = [group_key(m, v, r, i) for m, v, r, i in zip(rows.model, rows.variant, rows["rank"], rows.impl)]
-    rows["artifacts"] = [str(find_artifacts(dirs, sweep, key)) for sweep, key in zip(rows.sweep, rows.run_key)]
     order = sorted(range(len(rows)), key=lambda i: (group_sort_key(rows.iloc[i]), str(rows.task.iloc[i]),
                                                     int(rows.seed.iloc[i]) if pd.notna(rows.seed.iloc[i]) else -1,
                                                     rows.run_key.iloc[i]))
     return rows.iloc[order].reset_index(drop=True)
-
-
-def find_artifacts(dirs: Sequence[str | Path], sweep: str, key: str) -> Path:
-    """The run's sibling folder (history, predictions), whichever of the two layouts `dirs` use."""
-    candidates = [Path(d) / "runs" / key for d in dirs] + [Path(d) / sweep / "runs" / key for d in dirs]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def group_key(model, variant, rank, impl) -> str:
@@ -155,6 +148,8 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
         for column, what in (("precision", "precision as computed"), ("data_fingerprint", "data files")):
             if column in cell and cell[column].nunique(dropna=False) > 1:  # auto: bf16 here, fp32 there
                 differs.append(f"{what} ({', '.join(sorted(map(str, cell[column].unique())))})")
+        if fact_keys := fact_differences(cell.extra_json):  # QLoRA's backend and compute dtype: `auto` per machine
+            differs.append(f"what was assembled ({', '.join(fact_keys)})")
         if source_keys := source_differences(cell, rows):
             differs.append(f"their warm-start sources' {', '.join(source_keys)}")
         if differs:
@@ -163,6 +158,15 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
                 f"{', '.join(differs)} (runs {', '.join(cell.run_key)}): their cell would mix configurations as if "
                 f"they were seeds (the sweep file changed between sittings, say). {REPORT_SEPARATELY}")
     return ok
+
+
+def fact_differences(extra_json: pd.Series) -> list[str]:
+    """Keys of the variant's facts (a row's extra_json) whose values differ between rows: QLoRA's `backend=auto`
+    and `compute_dtype=auto` are settled per machine (torchao or bitsandbytes, bf16 or fp32) and only these
+    facts record what they became; the run_key holds `auto`."""
+    facts = [json.loads(x) if isinstance(x, str) else {} for x in extra_json]
+    keys = sorted(set().union(*facts))
+    return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in facts}) > 1]
 
 
 def source_differences(cell: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
