@@ -103,7 +103,10 @@ class Task:
     `kind` of the head it needs: classification | regression | qa.
     """
 
-    preprocess_version: int = 1  # bump when tokenization changes, so no stale cache is reused
+    # Bump when tokenization changes, so no stale cache is reused. It is not part of the run_key (code is not; the
+    # row records git_sha): a change that moves scores must also move the keys of the rows it makes stale
+    # (run_keys.KEY_VERSION), or a resumed sweep keeps them as done.
+    preprocess_version: int = 1
 
     def __init__(self, cfg, data_cfg):
         self.cfg = cfg
