@@ -218,7 +218,7 @@ def load_rows(*dirs: str | Path, ok_only: bool = False, flatten_config: bool = F
         frame = pd.concat([frame, configs.set_index(frame.index)], axis=1)
     if with_history:
         histories = [pd.read_parquet(Path(folder) / "history.parquet").assign(artifacts=folder)
-                     for folder in frame["artifacts"] if (Path(folder) / "history.parquet").is_file()]
+                     for folder in frame["artifacts"].unique() if (Path(folder) / "history.parquet").is_file()]
         if histories:
             frame = frame.merge(pd.concat(histories, ignore_index=True), on="artifacts", how="left",
                                 suffixes=("", "_history"))

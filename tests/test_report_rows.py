@@ -54,6 +54,10 @@ def test_seeds_whose_auto_settings_were_settled_differently_are_refused(report_r
     settled.at[cell.index[1], "extra_json"] = json.dumps({**facts, "compute_dtype": "fp32"})
     with pytest.raises(report.ReportError, match=r"lora r=8 on rte .* differ in what was assembled \(compute_dtype\)"):
         report.paper_table(settled)
+    older = {k: v for k, v in facts.items() if k != "compute_dtype"}  # a row from before the fact was recorded
+    settled.at[cell.index[1], "extra_json"] = json.dumps(older)
+    with pytest.raises(report.ReportError, match=r"\(compute_dtype, unrecorded in some rows\)"):
+        report.paper_table(settled)
 
 
 def test_seeds_warm_started_from_sources_of_different_tasks_are_refused(report_rows_dir):
@@ -67,8 +71,8 @@ def test_seeds_warm_started_from_sources_of_different_tasks_are_refused(report_r
     warm["init_from"] = None
     warm.loc[cell.index, "init_from"] = lora_sources.run_key.tolist()
     report.paper_table(warm)  # one source task, its two seeds: a cell
-    other_task = ok[(ok.variant == "lora") & (ok["rank"] == 8) & (ok.task == "rte")].seed.idxmax()
-    warm.at[cell.index[1], "init_from"] = rows.at[other_task, "run_key"]
+    head_on_rte = ok[(ok.variant == "head") & (ok.task == "rte")].seed.idxmax()  # another task and method
+    warm.at[cell.index[1], "init_from"] = rows.at[head_on_rte, "run_key"]
     with pytest.raises(report.ReportError, match=r"lora r=8 on rte .* differ in their warm-start sources' .*task\.name"):
         report.paper_table(warm)
 

@@ -358,6 +358,7 @@ def test_smoke_sweep_lists_its_jobs_runs_exactly_those_records_failures_and_resu
     assert started(harness_cli.results) == Counter({keys[0]: 2, keys[1]: 1, keys[2]: 1})
     assert all(f"skip run {k}" in again.stderr + again.stdout for k in keys[1:])
     assert "the 2 rows kept were measured on: cpu:" in again.stderr + again.stdout
+    assert re.search(r"rows kept were measured on: cpu:\S+ threads@\S+, computed in fp32 ", again.stderr + again.stdout)
     assert [s for s, _, _ in listing(harness_cli(*grid_args, "dry_run=true").stdout)] == ["todo", "ok", "ok"]
 
 

@@ -148,7 +148,7 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
         for column, what in (("precision", "precision as computed"), ("data_fingerprint", "data files")):
             if column in cell and cell[column].nunique(dropna=False) > 1:  # auto: bf16 here, fp32 there
                 differs.append(f"{what} ({', '.join(sorted(map(str, cell[column].unique())))})")
-        if fact_keys := fact_differences(cell.extra_json):  # QLoRA's backend and compute dtype: `auto` per machine
+        if "extra_json" in cell and (fact_keys := fact_differences(cell.extra_json)):  # QLoRA's backend and compute dtype: `auto` per machine
             differs.append(f"what was assembled ({', '.join(fact_keys)})")
         if source_keys := source_differences(cell, rows):
             differs.append(f"their warm-start sources' {', '.join(source_keys)}")
@@ -163,10 +163,12 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
 def fact_differences(extra_json: pd.Series) -> list[str]:
     """Keys of the variant's facts (a row's extra_json) whose values differ between rows: QLoRA's `backend=auto`
     and `compute_dtype=auto` are settled per machine (torchao or bitsandbytes, bf16 or fp32) and only these
-    facts record what they became; the run_key holds `auto`."""
+    facts record what they became; the run_key holds `auto`. A fact that older code did not record is named as
+    such: those rows cannot show that they computed alike."""
     facts = [json.loads(x) if isinstance(x, str) else {} for x in extra_json]
     keys = sorted(set().union(*facts))
-    return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in facts}) > 1]
+    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in facts}) > 1]
+    return [k if all(k in f for f in facts) else f"{k}, unrecorded in some rows" for k in differ]
 
 
 def source_differences(cell: pd.DataFrame, rows: pd.DataFrame) -> list[str]:

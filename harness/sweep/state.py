@@ -35,6 +35,7 @@ class JobState:
     run_key: str
     status: str  # a row's status (ok, failed, ...), "todo" without one, "rerun" for an ok one rerun=true runs again
     device: str | None = None  # where the row was measured (its speed and memory belong to that device)
+    precision: str | None = None  # what the row computed in (`auto` is settled per machine)
     source: str | None = None  # run_key of the run this one starts from (init_from), if any
     has_adapter: bool = False  # its adapter file exists (what a run that starts from this one loads)
 
@@ -53,7 +54,7 @@ def job_state(cfg: DictConfig, overrides: list[str]) -> JobState:
     if status == "ok" and cfg.get("rerun"):  # rerun=true: the job runs and replaces its ok row
         status = "rerun"
     has_adapter = rows.adapter_file(cfg.results_dir, cfg.sweep_name, key) is not None
-    return JobState(list(overrides), key, status, row.get("device"), has_adapter=has_adapter)
+    return JobState(list(overrides), key, status, row.get("device"), row.get("precision"), has_adapter=has_adapter)
 
 
 def job_states(jobs: Sequence[list[str]], compose: Callable[[list[str]], DictConfig]) -> list[JobState]:
@@ -153,9 +154,12 @@ def todo_jobs(sweep_name: str, states: Sequence[JobState]) -> list[JobState]:
     log.info("sweep %s: %d jobs, %d already done, %d to run", sweep_name, len(states), len(states) - len(todo),
              len(todo))
     kept_from = sorted({str(s.device) for s in states if s.done})
+    computed_in = sorted({str(s.precision) for s in states if s.done})
     if kept_from:  # the launcher may run jobs elsewhere (a cluster), so this process cannot judge a mismatch
-        log.info("the %d rows kept were measured on: %s (their speed and memory belong there; to measure "
-                 "elsewhere, use another sweep_name)", len(states) - len(todo), ", ".join(kept_from))
+        log.info("the %d rows kept were measured on: %s, computed in %s (their speed and memory belong there, "
+                 "and precision=auto may settle otherwise where the jobs to run land; the report refuses a cell "
+                 "whose seeds computed in two precisions; to measure elsewhere, use another sweep_name)",
+                 len(states) - len(todo), ", ".join(kept_from), ", ".join(computed_in))
     return todo
 
 
