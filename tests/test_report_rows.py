@@ -73,7 +73,8 @@ def test_seeds_warm_started_from_sources_of_different_tasks_are_refused(report_r
     report.paper_table(warm)  # one source task, its two seeds: a cell
     head_on_rte = ok[(ok.variant == "head") & (ok.task == "rte")].seed.idxmax()  # another task and method
     warm.at[cell.index[1], "init_from"] = rows.at[head_on_rte, "run_key"]
-    with pytest.raises(report.ReportError, match=r"lora r=8 on rte .* differ in their warm-start sources' .*task\.name"):
+    with pytest.raises(report.ReportError,
+                       match=r"lora r=8 on rte .* differ in their warm-start sources' .*task\.name"):
         report.paper_table(warm)
 
 

@@ -148,7 +148,7 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
         for column, what in (("precision", "precision as computed"), ("data_fingerprint", "data files")):
             if column in cell and cell[column].nunique(dropna=False) > 1:  # auto: bf16 here, fp32 there
                 differs.append(f"{what} ({', '.join(sorted(map(str, cell[column].unique())))})")
-        if "extra_json" in cell and (fact_keys := fact_differences(cell.extra_json)):  # QLoRA's backend and compute dtype: `auto` per machine
+        if "extra_json" in cell and (fact_keys := fact_differences(cell.extra_json)):  # QLoRA's `auto` settings
             differs.append(f"what was assembled ({', '.join(fact_keys)})")
         if source_keys := source_differences(cell, rows):
             differs.append(f"their warm-start sources' {', '.join(source_keys)}")
@@ -166,9 +166,7 @@ def fact_differences(extra_json: pd.Series) -> list[str]:
     facts record what they became; the run_key holds `auto`. A fact that older code did not record is named as
     such: those rows cannot show that they computed alike."""
     facts = [json.loads(x) if isinstance(x, str) else {} for x in extra_json]
-    keys = sorted(set().union(*facts))
-    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in facts}) > 1]
-    return [k if all(k in f for f in facts) else f"{k}, unrecorded in some rows" for k in differ]
+    return [k if all(k in f for f in facts) else f"{k}, unrecorded in some rows" for k in differing_keys(facts)]
 
 
 def source_differences(cell: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
@@ -198,9 +196,13 @@ def flat_config(config_json: str) -> Mapping[str, Any]:
 
 def config_differences(configs: Sequence[str]) -> list[str]:
     """Dotted keys whose values differ between the given config_json strings (paths and devices ignored)."""
-    flat = [flat_config(c) for c in configs]
-    keys = sorted(set().union(*flat))
-    return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1]
+    return differing_keys([flat_config(c) for c in configs])
+
+
+def differing_keys(mappings: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The keys whose values are not the same in every mapping (a key some lack counts as None there)."""
+    keys = sorted(set().union(*mappings))
+    return [k for k in keys if len({json.dumps(m.get(k), sort_keys=True, default=str) for m in mappings}) > 1]
 
 
 def flatten(tree, prefix: str = "") -> dict:
