@@ -9,11 +9,12 @@ facts about what was assembled, not about training.
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-import transformers
 from omegaconf import DictConfig
 
 from harness import adapters, models, tasks
@@ -37,6 +38,16 @@ class Assembled:
     facts: dict[str, Any]
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (every device's: `torch.manual_seed` seeds CUDA, XPU and MPS
+    too), as `transformers.set_seed` does. Not that function itself: its module (`transformers.trainer_utils`)
+    imports peft and the Trainer's utilities, which a run of our layers needs nowhere else (0.1 s of its start).
+    tests/test_speed.py checks that both leave every generator in the same state."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def assemble(cfg: DictConfig, device: torch.device | None = None, with_tokenizer: bool = True) -> Assembled:
     """Build `cfg`'s task, model and variant. The variant is built (and its config checked) before anything loads;
     the global seed is set just before the model is built, so the head's and the adapters' inits follow `cfg.seed`.
@@ -44,7 +55,7 @@ def assemble(cfg: DictConfig, device: torch.device | None = None, with_tokenizer
     the caller to count (`parameter_counts`) and then move: bitsandbytes quantizes on the move to CUDA."""
     variant = adapters.build(cfg.variant)
     task = tasks.get(cfg.task, cfg.data)
-    transformers.set_seed(cfg.seed)  # before any module is built: head and adapter inits are seeded
+    seed_everything(cfg.seed)  # before any module is built: head and adapter inits are seeded
     loaded = models.load(cfg.model, task.head_kind, task.num_labels, cfg.data.cache_dir, with_tokenizer=with_tokenizer)
     prepared = variant.prepare(loaded.model, loaded.head, device)
     return Assembled(task=task, variant=variant, model=loaded.model, tokenizer=loaded.tokenizer, head=loaded.head,

@@ -64,14 +64,15 @@ def config_columns(cfg: DictConfig, key: str) -> dict[str, Any]:
 
 def process_start_time() -> float | None:
     """When this process started (time.time() scale), so that the first run in it is charged its imports;
-    None where /proc cannot tell."""
+    None where /proc cannot tell. The process's age is the system's uptime less its start in clock ticks since
+    boot, both to 10 ms; the boot time in /proc/stat (`btime`) is whole seconds, up to a second early."""
     try:
         with open("/proc/self/stat") as handle:
             started_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as handle:
-            boot = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
-        return boot + started_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        return time.time() - (uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return None
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import merged_and_composed
+from conftest import REPO, merged_and_composed
 from harness import adapters, models, rows, run_keys, tasks
 from harness.atomic import atomic_write_parquet
 from harness.assemble import assemble, read_splits
@@ -118,6 +118,60 @@ def test_the_row_accounts_for_time_outside_training(make_cfg):
     assert row["status"] == "ok", row["error"]
     assert 0 < row["setup_seconds"] < row["wall_seconds"]
     assert row["setup_seconds"] + row["train_seconds"] + row["eval_seconds"] <= row["wall_seconds"]
+
+
+def test_a_process_knows_its_start_to_the_clock_tick():
+    """The first run of a process is charged from the process's start; /proc's boot time is whole seconds, so a
+    start computed from it can be up to a second early."""
+    import subprocess
+    import sys
+    import time
+
+    script = "import time; now = time.time(); from harness.run import process_start_time as s; print(s(), now)"
+    before = time.time()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
+    started, first_statement = map(float, done.stdout.split())
+    assert before - 0.03 <= started <= first_statement  # ticks and uptime are 10 ms apiece
+
+
+def test_seeding_leaves_every_generator_as_transformers_set_seed_does():
+    import random
+
+    from transformers import set_seed
+
+    from harness.assemble import seed_everything
+
+    def states():
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+    random.random(), np.random.rand(), torch.rand(1)
+    seed_everything(7)
+    ours = states()
+    random.random(), np.random.rand(), torch.rand(1)
+    set_seed(7)
+    theirs = states()
+    assert ours[0] == theirs[0] and torch.equal(ours[2], theirs[2])
+    assert all(np.array_equal(a, b) for a, b in zip(ours[1], theirs[1]))
+    assert all(torch.equal(a, b) for a, b in zip(ours[3], theirs[3]))
+
+
+def test_a_run_of_our_layers_never_imports_peft_or_the_trainer(make_cfg, tmp_path):
+    """A run of our layers needs neither peft nor the Trainer's utilities (`transformers.trainer_utils`), 0.1 s of
+    its start: a fresh process runs one job and says which of them it imported."""
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(make_cfg("train.max_steps=2", "variant=lora"), tmp_path / "cfg.yaml")
+    script = ("import sys; from omegaconf import OmegaConf; from harness.run import run; "
+              f"row = run(OmegaConf.load({str(tmp_path / 'cfg.yaml')!r})); assert row['status'] == 'ok', row; "
+              "print(sorted(m for m in ('peft', 'transformers.trainer_utils', 'transformers.trainer') "
+              "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_auto_precision_is_bf16_exactly_where_the_device_computes_it_natively(make_cfg):

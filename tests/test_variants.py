@@ -235,6 +235,20 @@ def test_peft_loads_what_the_harness_saved_and_predicts_the_same(make_cfg, name,
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("name", PEFT_ADAPTERS)
+def test_the_peft_config_written_without_peft_loads_as_the_one_peft_builds(make_cfg, name, tmp_path):
+    """The run writes peft's adapter_config.json without importing peft (over a second of every run): peft must
+    load it as exactly the config it builds itself from the same fields, every default included."""
+    from peft import PeftConfig
+
+    setup = assemble(variant_cfg(make_cfg, name), with_tokenizer=False)
+    setup.variant.save_other_formats(setup.model, tmp_path, setup.head, setup.targeted)
+    loaded = PeftConfig.from_pretrained(str(tmp_path / "peft_adapter"))
+    built = peft_bridge.peft_config(setup.variant, setup.targeted)
+    built.modules_to_save, built.inference_mode = list(setup.head), True
+    assert loaded.to_dict() == built.to_dict()
+
+
 def test_lora_plus_groups_match_pefts_helper_for_A_and_B(make_cfg):
     groups = {}
     for impl in ("ours", "peft"):

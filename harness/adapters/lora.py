@@ -140,7 +140,7 @@ class LoRALinear(AdapterLinear):
 class LoRA(AdapterVariant):
     """LoRA with scaling alpha / r.
 
-    With `impl=peft` the same targets get peft's layers (`peft_config()` says which), and the trainable
+    With `impl=peft` the same targets get peft's layers (`peft_config_fields()` says which), and the trainable
     parameters are decided by the same `trainable` rule for both implementations, so counts and rows agree.
     """
 
@@ -192,12 +192,12 @@ class LoRA(AdapterVariant):
         return self.adapter_attribute(name) is not None
 
     # ---- peft ---------------------------------------------------------------------------------------
-    def peft_config(self, targets: list[str]):
-        """The peft config that builds this variant's layers on exactly `targets` (full module names)."""
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.option("r"), lora_alpha=self.option("alpha"), lora_dropout=self.option("dropout", 0.0),
-                          target_modules=list(targets), bias="none", **self.peft_lora_options())
+    def peft_config_fields(self, targets: list[str]) -> dict:
+        """The fields of the peft config that builds this variant's layers on exactly `targets` (full module names),
+        its `peft_type` included: peft fills in the others with its defaults."""
+        return {"peft_type": "LORA", "r": self.option("r"), "lora_alpha": self.option("alpha"),
+                "lora_dropout": self.option("dropout", 0.0), "target_modules": list(targets), "bias": "none",
+                **self.peft_lora_options()}
 
     def peft_lora_options(self) -> dict:
         """Extra `LoraConfig` switches of a subclass (rsLoRA: use_rslora, DoRA: use_dora)."""

@@ -143,12 +143,10 @@ class VeRA(LoRA):
         shared = [tensor for _, tensor in self.shared_buffers(model).values()]
         return {"vera_shared_projection_bytes": sum(t.numel() * t.element_size() for t in shared)}
 
-    def peft_config(self, targets: list[str]):
-        from peft import VeraConfig
-
-        return VeraConfig(r=self.option("r"), target_modules=list(targets), projection_prng_key=self.option("seed"),
-                          save_projection=True, vera_dropout=self.option("dropout", 0.0),
-                          d_initial=self.option("d_initial"), bias="none")
+    def peft_config_fields(self, targets: list[str]) -> dict:
+        return {"peft_type": "VERA", "r": self.option("r"), "target_modules": list(targets),
+                "projection_prng_key": self.option("seed"), "save_projection": True,
+                "vera_dropout": self.option("dropout", 0.0), "d_initial": self.option("d_initial"), "bias": "none"}
 
     def peft_shared_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {f"base_model.{kind}": tensor for kind, (_, tensor) in self.shared_buffers(model).items()}
