@@ -88,7 +88,8 @@ def run_way(way: str, seed: int, rep: int, trees: dict[str, Path], scratch: Path
             "train_samples_per_s": row["train_samples_per_s"], "eval_samples_per_s": row["eval_samples_per_s"],
             "cpu_s": cpu, "wall_s": wall, "precision": row["precision"],
             "train_padding_ratio": row.get("train_padding_ratio"), "eval_padding_ratio": row.get("eval_padding_ratio"),
-            "setup_s": row.get("setup_seconds"), "train_s": row["train_seconds"], "eval_s": row["eval_seconds"]}
+            "setup_s": row.get("setup_seconds"), "train_s": row["train_seconds"], "eval_s": row["eval_seconds"],
+            "row_wall_s": row.get("wall_seconds")}
 
 
 def summary(values: list[float]) -> str:
@@ -117,6 +118,20 @@ def report(measured: list[dict]) -> None:
             if other:
                 found.append(other[key] / m[key] if invert else m[key] / other[key])
         return found
+
+    print("\n## time outside training and evaluation (harness ways): seconds, % of wall; min / median / max")
+    for way in WAYS:
+        runs = [m for m in measured if m["way"] == way and m.get("train_s") is not None]
+        if not runs:
+            continue
+        for clock, key in (("the row's wall (process start to the row)", "row_wall_s"),
+                           ("the process's wall (its exit too)", "wall_s")):
+            timed = [m for m in runs if m.get(key)]
+            outside = [m[key] - m["train_s"] - m["eval_s"] for m in timed]
+            share = [100 * o / m[key] for o, m in zip(outside, timed)]
+            print(f"{way:<13} {clock:<43} {summary(outside):>20} s {summary(share):>20} %")
+        print(f"{way:<13} {'of which setup (process start to first step)':<43} "
+              f"{summary([m['setup_s'] for m in runs if m.get('setup_s')]):>20} s")
 
     print("\n## ratios, pair by pair within each (repetition, seed): min / median / max")
     for a, b, key, target in [("grouped_bf16", "today", "train_samples_per_s", ">= 4"),

@@ -2,7 +2,8 @@
 
 import gc
 
-gc.disable()  # while the imports below run: see the freeze after them
+if __name__ == "__main__":  # a process of its own (not a joblib worker importing `main`): see the freeze below
+    gc.disable()
 
 import difflib
 import logging
@@ -22,10 +23,11 @@ from harness.run import run
 from harness.sweep import lifecycle
 
 # The imports above build about half a million objects (torch, transformers, pandas, scikit-learn) that live as long
-# as the process. The collector's full passes walked them all while they were built: six passes, 0.45 s of every
-# run's start (benchmarks/README.md). Frozen, they are skipped by every later pass, the one at exit included.
-gc.freeze()
-gc.enable()
+# as the process. Unfrozen, the collector's full passes walked them all, over and over: eight passes, 0.9 s of a
+# standalone run's start, and 1 s more at exit (benchmarks/README.md). Frozen, every later pass skips them.
+if __name__ == "__main__":
+    gc.freeze()
+    gc.enable()
 
 log = logging.getLogger("harness")
 
