@@ -40,7 +40,8 @@ METRIC_NAMES = [
 _S, _I, _F, _B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 SCHEMA = pa.schema(
     # identity
-    [("run_key", _S), ("sweep", _S), ("status", _S), ("error", _S), ("data_fingerprint", _S)]
+    [("run_key", _S), ("sweep", _S), ("status", _S), ("error", _S), ("data_fingerprint", _S),
+     ("model_fingerprint", _S)]
     # config
     + [("task", _S), ("variant", _S), ("impl", _S), ("rank", _I), ("alpha", _F), ("seed", _I), ("model", _S),
        ("lr", _F), ("schedule", _S), ("warmup_steps", _I), ("batch_size", _I), ("grad_accum", _I), ("epochs", _F),
@@ -119,6 +120,13 @@ def non_finite_scores(row: dict[str, Any]) -> dict[str, Any]:
         values.update({f"rank_scores.{k}": v for k, v in json.loads(row["rank_scores_json"]).items()})
     return {k: v for k, v in values.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v)}
+
+
+def made_with_other_weights(row: dict[str, Any] | None, model_fingerprint: str | None) -> bool:
+    """Whether a row recorded loading other model files than `model_fingerprint` (run_keys.model_fingerprint): the
+    same path with other weights. Rows from before the column, and models without a fingerprint, cannot tell."""
+    recorded = None if row is None else row.get("model_fingerprint")
+    return recorded is not None and model_fingerprint is not None and recorded != model_fingerprint
 
 
 def is_done(row: dict[str, Any] | None) -> bool:

@@ -114,13 +114,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cfg = warm_start.resolve(cfg)  # init_from=task=<name> -> the source's run_key, part of this run's key
     key = run_keys.run_key(cfg)
     existing = rows.read_row(rows.row_path(cfg.results_dir, cfg.sweep_name, key))
-    if rows.is_done(existing) and not cfg.get("rerun"):
+    weights = run_keys.model_fingerprint(cfg)
+    if rows.is_done(existing) and rows.made_with_other_weights(existing, weights):
+        log.warning("run %s: its ok row loaded other files from %s (model fingerprint %s, now %s): running it again",
+                    key, cfg.model.source, existing["model_fingerprint"], weights)
+    elif rows.is_done(existing) and not cfg.get("rerun"):
         log.info("skip %s: run %s already has an ok row", describe(cfg), key)
         warn_if_measured_elsewhere(existing, cfg.device, cfg.train.precision)
         return existing
     trackers.check_installed(cfg)  # a missing tracker package stops the run here, before it has a row
     rows.check_writable(cfg.results_dir, cfg.sweep_name)
     row = identity_columns(cfg, key)
+    row["model_fingerprint"] = weights
     attempt = Attempt(started, rows.artifacts_dir(cfg.results_dir, cfg.sweep_name, key), earlier=existing)
     log.info("run %s: %s", key, describe(cfg))
     try:
@@ -181,7 +186,8 @@ def discard_earlier_attempt(cfg: DictConfig, key: str, attempt: Attempt) -> None
 
 
 def identity_columns(cfg: DictConfig, key: str) -> dict[str, Any]:
-    """The row's columns known before anything runs: the config, the data fingerprint, the code, the start."""
+    """The row's columns known before anything runs: the config, the data fingerprint, the code, the start (the
+    model's fingerprint is `run`'s, which compares it with the earlier row's first)."""
     row = config_columns(cfg, key)
     row["data_fingerprint"] = run_keys.data_fingerprint(cfg)
     row["git_sha"], row["git_dirty"] = rows.git_state()

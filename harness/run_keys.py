@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,54 @@ def split_fingerprint(path: Path) -> str:
 
         _split_hashes[memo] = content_hash(datasets.Dataset(pq.read_table(path)))
     return _split_hashes[memo]
+
+
+def model_fingerprint(cfg: DictConfig) -> str | None:
+    """A hash of the files a pretrained model loads from a local folder (weights, config, tokenizer), or None for a
+    random init, a hub id (named by the id in the config) and a folder this machine does not have.
+
+    Not part of the run_key, which names the folder and not its contents, so that committed rows keep their keys:
+    the row records it, a run or sweep does not keep an ok row whose recorded fingerprint differs from the
+    folder's (`rows.made_with_other_weights`), and the report refuses a cell whose seeds loaded different files.
+    Each file's hash is remembered under data.cache_dir per (path, size, mtime), so a run hashes the weights
+    once per machine, not once per run."""
+    model = cfg.model
+    if model.get("init", "pretrained") != "pretrained" or not model.get("source"):
+        return None
+    from harness.models import resolve_source  # imports transformers; the report never asks for this
+
+    try:
+        folder = Path(resolve_source(model.source)).expanduser()
+    except Exception:  # noqa: BLE001 - a missing package: the run's own loading says so, with the fix
+        return None
+    if not folder.is_dir():
+        return None
+    memo = Path(cfg.data.get("cache_dir") or ".cache/harness") / "file_hashes"
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md")
+    hashes = {p.name: file_hash(p, memo) for p in files}
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_file_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def file_hash(path: Path, memo_dir: Path) -> str:
+    """sha256 of a file's bytes, remembered in this process and in `memo_dir` per (path, size, mtime)."""
+    stat = path.stat()
+    identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if identity not in _file_hashes:
+        remembered = memo_dir / hashlib.sha256(repr(identity).encode()).hexdigest()[:24]
+        try:
+            _file_hashes[identity] = remembered.read_text().strip()
+        except OSError:
+            with open(path, "rb") as handle:
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            memo_dir.mkdir(parents=True, exist_ok=True)
+            scratch = remembered.with_name(f".{remembered.name}.tmp-{os.getpid()}")
+            scratch.write_text(digest)
+            os.replace(scratch, remembered)  # whole or absent, as everything the cache holds
+            _file_hashes[identity] = digest
+    return _file_hashes[identity]
 
 
 def run_key(cfg: DictConfig | dict[str, Any], fingerprint: str | None = None) -> str:

@@ -42,6 +42,20 @@ def test_seeds_of_one_cell_run_under_two_configs_are_refused(report_rows_dir):
         report.paper_table(other_precision)
 
 
+def test_seeds_that_loaded_other_model_files_are_refused(report_rows_dir):
+    """One local model path, its weights replaced between two seeds' runs (the run_key names the path): the rows'
+    model fingerprints differ, and the cell is refused; rows from before the column recorded none and pass."""
+    rows = report.load(report_rows_dir)
+    cell = rows[(rows.status == "ok") & (rows.variant == "lora") & (rows["rank"] == 8) & (rows.task == "rte")]
+    loaded = rows.copy()
+    loaded.loc[cell.index, "model_fingerprint"] = "aaaa"
+    loaded.at[cell.index[1], "model_fingerprint"] = None
+    report.paper_table(loaded)
+    loaded.at[cell.index[1], "model_fingerprint"] = "bbbb"
+    with pytest.raises(report.ReportError, match=r"lora r=8 on rte .* differ in model files \(aaaa, bbbb\)"):
+        report.paper_table(loaded)
+
+
 def test_seeds_whose_auto_settings_were_settled_differently_are_refused(report_rows_dir):
     """QLoRA's backend=auto and compute_dtype=auto are settled per machine and recorded only in extra_json (the
     run_key holds `auto`): a sweep resumed on a machine without bf16 must not pool its seeds with the others."""

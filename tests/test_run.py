@@ -141,6 +141,37 @@ def test_a_skipped_row_that_auto_computed_in_another_precision_is_kept_with_a_wa
     assert "computed in" not in caplog.text
 
 
+def test_an_ok_row_made_with_other_weights_at_the_same_path_is_run_again(make_cfg, tmp_path, caplog):
+    """The run_key names a local model's folder, not its contents (committed rows keep their keys): the row records
+    a fingerprint of the files, and neither a run nor a sweep keeps an ok row whose files were replaced since."""
+    import torch
+
+    from harness import models, sweep
+
+    folder = tmp_path / "my-encoder"
+    cfg = make_cfg(f"model.source={folder}", "model.init=pretrained")
+    encoder = models.load(make_cfg().model, "classification", 2, cfg.data.cache_dir, with_tokenizer=False).model
+    encoder.save_pretrained(folder)
+    first = run(cfg)
+    assert first["status"] == "ok" and first["model_fingerprint"] is not None
+    assert run(cfg)["wall_seconds"] == first["wall_seconds"]  # the same files: the row is kept, not run again
+    assert sweep.job_state(cfg, []).done
+
+    with torch.no_grad():
+        encoder.roberta.embeddings.word_embeddings.weight.mul_(2)
+    time.sleep(0.01)  # another mtime, as any rewrite of the file gives
+    encoder.save_pretrained(folder)  # other weights, same path: the same run_key
+    assert run_keys.run_key(cfg) == first["run_key"]
+    assert sweep.job_state(cfg, []).status == "other weights"
+    with caplog.at_level(logging.WARNING, logger="harness.run"):
+        again = run(cfg)
+    assert "loaded other files from" in caplog.text and again["wall_seconds"] != first["wall_seconds"]
+    assert again["status"] == "ok" and again["model_fingerprint"] not in (None, first["model_fingerprint"])
+    assert rows.read_row(rows.row_path(cfg.results_dir, cfg.sweep_name, first["run_key"]))["model_fingerprint"] == \
+        again["model_fingerprint"]
+    assert run_keys.model_fingerprint(make_cfg()) is None  # a random init loads no files
+
+
 def test_regression_head_for_stsb(make_cfg):
     row = run(make_cfg("task=stsb"))
     assert row["status"] == "ok", row["error"]

@@ -148,6 +148,8 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
         for column, what in (("precision", "precision as computed"), ("data_fingerprint", "data files")):
             if column in cell and cell[column].nunique(dropna=False) > 1:  # auto: bf16 here, fp32 there
                 differs.append(f"{what} ({', '.join(sorted(map(str, cell[column].unique())))})")
+        if "model_fingerprint" in cell and cell.model_fingerprint.nunique() > 1:  # rows before it recorded none
+            differs.append(f"model files ({', '.join(sorted(cell.model_fingerprint.dropna().unique()))})")
         if "extra_json" in cell and (fact_keys := fact_differences(cell.extra_json)):  # QLoRA's `auto` settings
             differs.append(f"what was assembled ({', '.join(fact_keys)})")
         if source_keys := source_differences(cell, rows):

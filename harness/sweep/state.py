@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 class JobState:
     overrides: list[str]
     run_key: str
-    status: str  # a row's status (ok, failed, ...), "todo" without one, "rerun" for an ok one rerun=true runs again
+    status: str  # a row's status (ok, failed, ...), "todo" without one, "rerun" for an ok one rerun=true runs again,
+    #              "other weights" for an ok one made with other files at the model's path
     device: str | None = None  # where the row was measured (its speed and memory belong to that device)
     precision: str | None = None  # what the row computed in (`auto` is settled per machine)
     source: str | None = None  # run_key of the run this one starts from (init_from), if any
@@ -53,6 +54,8 @@ def job_state(cfg: DictConfig, overrides: list[str]) -> JobState:
     status = "nan" if row["status"] == "ok" and not rows.is_done(row) else row["status"]  # ok, with a NaN score
     if status == "ok" and cfg.get("rerun"):  # rerun=true: the job runs and replaces its ok row
         status = "rerun"
+    elif status == "ok" and rows.made_with_other_weights(row, run_keys.model_fingerprint(cfg)):
+        status = "other weights"  # the job runs again (run() says why) and replaces the row
     has_adapter = rows.adapter_file(cfg.results_dir, cfg.sweep_name, key) is not None
     return JobState(list(overrides), key, status, row.get("device"), row.get("precision"), has_adapter=has_adapter)
 
