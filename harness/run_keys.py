@@ -20,6 +20,8 @@ from typing import Any
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
+from harness.errors import ConfigError
+
 # run_key = hash of {key_version, the semantic config, the data fingerprint}. The semantic config is the resolved
 # config minus NOT_IN_KEY, and minus every ADDED_KEYS key whose value is the one that keeps the old behaviour.
 # To add a config key: if it says where or how a run executes (paths, workers, logging, trackers), add its dotted
@@ -137,7 +139,7 @@ def model_fingerprint(cfg: DictConfig) -> str | None:
 
     try:
         folder = Path(resolve_source(model.source)).expanduser()
-    except Exception:  # noqa: BLE001 - a missing package: the run's own loading says so, with the fix
+    except ConfigError:  # `package:` without the package: the run's own loading says so, with the fix
         return None
     if not folder.is_dir():
         return None
