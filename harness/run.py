@@ -77,15 +77,27 @@ def process_start_time() -> float | None:
 
 
 _charged_process_start = False
+_left_out_seconds = 0.0
+
+
+def leave_out_of_first_run(seconds: float) -> None:
+    """Time this process spent on work that is not its first run's (a sweep composing and checking its whole grid
+    before running its jobs in this process): that run's clock starts at the process's start, to charge it the
+    imports, and leaves this out."""
+    global _left_out_seconds
+    _left_out_seconds += seconds
 
 
 def run_start_time() -> float:
     """The start of this run's wall clock: the process's start for its first run (imports and interpreter start
-    belong to it), the call itself for later runs in the same process (a sweep worker)."""
+    belong to it, what `leave_out_of_first_run` was told does not), the call itself for later runs in the same
+    process (a sweep worker)."""
     global _charged_process_start
     now = time.time()
     started = None if _charged_process_start else process_start_time()
     _charged_process_start = True
+    if started is not None:
+        started += _left_out_seconds
     return started if started is not None and started <= now else now
 
 

@@ -120,6 +120,22 @@ def test_the_row_accounts_for_time_outside_training(make_cfg):
     assert row["setup_seconds"] + row["train_seconds"] + row["eval_seconds"] <= row["wall_seconds"]
 
 
+def test_the_first_run_of_a_process_is_charged_its_start_but_not_a_sweeps_setup(make_cfg, monkeypatch):
+    """A sweep on Hydra's basic launcher composes and checks its whole grid (seconds to minutes), then runs its jobs
+    in the same process: the first run pays the process's imports, not the grid (harness_sweeper.sweep)."""
+    import time
+
+    from harness import run as run_module
+
+    monkeypatch.setattr(run_module, "_charged_process_start", False)
+    monkeypatch.setattr(run_module, "_left_out_seconds", 0.0)
+    monkeypatch.setattr(run_module, "process_start_time", lambda: time.time() - 100)  # started 100 s ago
+    run_module.leave_out_of_first_run(60)  # of which the sweep's own setup took 60
+    first = run(make_cfg("train.max_steps=2"))
+    assert 40 <= first["setup_seconds"] < 60
+    assert run(make_cfg("train.max_steps=2", "seed=1"))["setup_seconds"] < 30  # later runs: from their own call
+
+
 def test_a_process_knows_its_start_to_the_clock_tick():
     """The first run of a process is charged from the process's start; /proc's boot time is whole seconds, so a
     start computed from it can be up to a second early."""
