@@ -156,4 +156,7 @@ if __name__ == "__main__":
         print("Error: " + " | ".join(renamed), file=sys.stderr, flush=True)
         raise SystemExit(2)
     main()
-    gc.freeze()  # what the run left needs no collection pass at exit (up to a second with the model in memory)
+    # What the run left needs no collection pass at exit (up to a second with the model in memory). Objects held
+    # only by reference cycles are then not finalized; logging, temporary folders and multiprocessing clean up
+    # through atexit instead, and nothing of the harness relies on a finalizer.
+    gc.freeze()

@@ -65,15 +65,19 @@ def config_columns(cfg: DictConfig, key: str) -> dict[str, Any]:
 def process_start_time() -> float | None:
     """When this process started (time.time() scale), so that the first run in it is charged its imports;
     None where /proc cannot tell. The process's age is the system's uptime less its start in clock ticks since
-    boot, both to 10 ms; the boot time in /proc/stat (`btime`) is whole seconds, up to a second early."""
+    boot, both to 10 ms. The boot time in /proc/stat (`btime`) is whole seconds, up to a second early; it is the
+    fallback where the uptime disagrees with it (LXCFS gives a container its own uptime, not the host's ticks)."""
     try:
         with open("/proc/self/stat") as handle:
-            started_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+            since_boot = int(handle.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
         with open("/proc/uptime") as handle:
             uptime = float(handle.read().split()[0])
-        return time.time() - (uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
+        with open("/proc/stat") as handle:
+            boot = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
         return None
+    from_uptime, from_boot = time.time() - (uptime - since_boot), boot + since_boot
+    return from_uptime if from_boot - 0.05 <= from_uptime <= from_boot + 1.05 else from_boot
 
 
 _charged_process_start = False

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
+import tempfile
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,8 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # run_key = hash of {key_version, the semantic config, the data fingerprint}. The semantic config is the resolved
 # config minus NOT_IN_KEY, and minus every ADDED_KEYS key whose value is the one that keeps the old behaviour.
@@ -124,14 +130,15 @@ def split_fingerprint(path: Path) -> str:
 
 
 def model_fingerprint(cfg: DictConfig) -> str | None:
-    """A hash of the files a pretrained model loads from a local folder (weights, config, tokenizer), or None for a
-    random init, a hub id (named by the id in the config) and a folder this machine does not have.
+    """A hash of the files a pretrained model and its tokenizer load from a local folder (`MODEL_FILES`: weights,
+    config, tokenizer), or None for a random init, a hub id (named by the id in the config) and a folder this
+    machine does not have.
 
     Not part of the run_key, which names the folder and not its contents, so that committed rows keep their keys:
     the row records it, a run or sweep does not keep an ok row whose recorded fingerprint differs from the
-    folder's (`rows.made_with_other_weights`), and the report refuses a cell whose seeds loaded different files.
-    Each file's hash is remembered under data.cache_dir per (path, size, mtime), so a run hashes the weights
-    once per machine, not once per run."""
+    folder's (`rows.made_with_other_weights`), a warm start refuses such a source, and the report refuses a cell
+    whose seeds loaded different files. Each file's hash is remembered under data.cache_dir per (path, size,
+    mtime), so a run hashes the weights once per machine, not once per run."""
     model = cfg.model
     if model.get("init", "pretrained") != "pretrained" or not model.get("source"):
         return None
@@ -144,31 +151,57 @@ def model_fingerprint(cfg: DictConfig) -> str | None:
     if not folder.is_dir():
         return None
     memo = Path(cfg.data.get("cache_dir") or ".cache/harness") / "file_hashes"
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".md")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and any(fnmatch(p.name, m) for m in MODEL_FILES))
     hashes = {p.name: file_hash(p, memo) for p in files}
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
 
+
+# What transformers' from_pretrained and the tokenizers read from a model folder; not a Trainer's checkpoint
+# state (optimizer.pt, trainer_state.json, training_args.bin) or notes beside them.
+MODEL_FILES = ("config.json", "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+               "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "*.model")
 
 _file_hashes: dict[tuple[str, int, int], str] = {}
 
 
 def file_hash(path: Path, memo_dir: Path) -> str:
-    """sha256 of a file's bytes, remembered in this process and in `memo_dir` per (path, size, mtime)."""
+    """sha256 of a file's bytes, remembered in this process and in `memo_dir` per (path, size, mtime). The memo is
+    a speed-up only: an unreadable or malformed entry is hashed again, and one that cannot be written is not."""
     stat = path.stat()
     identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if identity not in _file_hashes:
-        remembered = memo_dir / hashlib.sha256(repr(identity).encode()).hexdigest()[:24]
+    if identity in _file_hashes:
+        return _file_hashes[identity]
+    remembered = memo_dir / hashlib.sha256(repr(identity).encode()).hexdigest()[:24]
+    try:
+        digest = remembered.read_text().strip()
+    except OSError:
+        digest = ""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        digest = sha256_of_file(path)
+        scratch = None
         try:
-            _file_hashes[identity] = remembered.read_text().strip()
-        except OSError:
-            with open(path, "rb") as handle:
-                digest = hashlib.file_digest(handle, "sha256").hexdigest()
             memo_dir.mkdir(parents=True, exist_ok=True)
-            scratch = remembered.with_name(f".{remembered.name}.tmp-{os.getpid()}")
-            scratch.write_text(digest)
+            with tempfile.NamedTemporaryFile("w", dir=memo_dir, prefix=f".{remembered.name}.", delete=False) as tmp:
+                scratch = tmp.name
+                tmp.write(digest)
+                tmp.flush()
+                os.fsync(tmp.fileno())
             os.replace(scratch, remembered)  # whole or absent, as everything the cache holds
-            _file_hashes[identity] = digest
-    return _file_hashes[identity]
+        except OSError as err:
+            if scratch:
+                Path(scratch).unlink(missing_ok=True)
+            log.debug("could not remember the hash of %s in %s: %s", path, memo_dir, err)
+    _file_hashes[identity] = digest
+    return digest
+
+
+def sha256_of_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def run_key(cfg: DictConfig | dict[str, Any], fingerprint: str | None = None) -> str:

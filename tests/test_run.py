@@ -172,6 +172,25 @@ def test_an_ok_row_made_with_other_weights_at_the_same_path_is_run_again(make_cf
     assert run_keys.model_fingerprint(make_cfg()) is None  # a random init loads no files
 
 
+def test_the_remembered_file_hashes_are_only_a_speed_up(tmp_path, monkeypatch):
+    """A truncated memo entry (a crash elsewhere, a shared cache) is hashed again, not trusted; a memo folder that
+    cannot be written costs the speed-up, not the run."""
+    import hashlib
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights" * 1000)
+    truth = hashlib.sha256(weights.read_bytes()).hexdigest()
+    monkeypatch.setattr(run_keys, "_file_hashes", {})
+    assert run_keys.file_hash(weights, tmp_path / "memo") == truth
+    [entry] = (tmp_path / "memo").iterdir()
+    entry.write_text("")
+    monkeypatch.setattr(run_keys, "_file_hashes", {})
+    assert run_keys.file_hash(weights, tmp_path / "memo") == truth and entry.read_text() == truth
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setattr(run_keys, "_file_hashes", {})
+    assert run_keys.file_hash(weights, tmp_path / "not-a-folder") == truth
+
+
 def test_regression_head_for_stsb(make_cfg):
     row = run(make_cfg("task=stsb"))
     assert row["status"] == "ok", row["error"]

@@ -237,7 +237,7 @@ def test_peft_loads_what_the_harness_saved_and_predicts_the_same(make_cfg, name,
 
 @pytest.mark.parametrize("name", PEFT_ADAPTERS)
 def test_the_peft_config_written_without_peft_loads_as_the_one_peft_builds(make_cfg, name, tmp_path):
-    """The run writes peft's adapter_config.json without importing peft (over a second of every run): peft must
+    """The run writes peft's adapter_config.json without importing peft (0.1 s of every run): peft must
     load it as exactly the config it builds itself from the same fields, every default included."""
     from peft import PeftConfig
 

@@ -81,6 +81,29 @@ def test_a_source_without_a_saved_adapter_or_of_another_variant_is_refused(make_
         run_module.run(make_cfg("task=rte", "variant=dora", f"init_from={source['run_key']}"))
 
 
+def test_a_source_trained_on_other_weights_at_the_models_path_is_refused(make_cfg, tmp_path):
+    """The model folder's files were replaced after the source trained (same path, so the same run_keys): its
+    adapter belongs to the old weights, and the run says so instead of starting from it."""
+    import time
+
+    from harness import models
+
+    folder = tmp_path / "encoder"
+    local = [f"model.source={folder}", "model.init=pretrained"]
+    encoder = models.load(make_cfg().model, "classification", 2, make_cfg().data.cache_dir, with_tokenizer=False).model
+    encoder.roberta.save_pretrained(folder)  # the base model: each task's run adds its own head
+    source = run_module.run(make_cfg(*MNLI, *local))
+    assert source["status"] == "ok" and source["model_fingerprint"]
+    assert run_module.run(make_cfg("task=rte", *local, f"init_from={source['run_key']}"))["status"] == "ok"
+    with torch.no_grad():
+        encoder.roberta.embeddings.word_embeddings.weight.mul_(2)
+    time.sleep(0.01)
+    encoder.roberta.save_pretrained(folder)
+    with pytest.raises(HarnessError, match=rf"init_from={source['run_key']}: the source run \(task=mnli\) trained on "
+                                           r"other files than .* rerun it first"):
+        run_module.run(make_cfg("task=rte", "seed=1", *local, f"init_from={source['run_key']}"))
+
+
 def test_init_from_that_names_nothing_is_a_config_error(make_cfg):
     for value in ("'task=mnli;rm'", "12"):
         with pytest.raises(ConfigError, match="names no run"):
