@@ -113,13 +113,18 @@ def split_files(cfg: DictConfig | dict[str, Any]) -> dict[str, Path] | None:
 _split_hashes: dict[tuple[str, int, int], str] = {}
 
 
+def file_identity(path: Path) -> tuple[str, int, int]:
+    """(path, size, mtime): what a remembered hash of the file is kept under; a rewrite gives another."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
 def split_fingerprint(path: Path) -> str:
     """`content_hash` of one split file's rows ("missing" without the file), remembered per (path, size, mtime)."""
     try:
-        stat = path.stat()
+        memo = file_identity(path)
     except OSError:
         return "missing"
-    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if memo not in _split_hashes:
         import datasets  # slow to import; only runs on local data need it
 
@@ -168,8 +173,7 @@ _file_hashes: dict[tuple[str, int, int], str] = {}
 def file_hash(path: Path, memo_dir: Path) -> str:
     """sha256 of a file's bytes, remembered in this process and in `memo_dir` per (path, size, mtime). The memo is
     a speed-up only: an unreadable or malformed entry is hashed again, and one that cannot be written is not."""
-    stat = path.stat()
-    identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    identity = file_identity(path)
     if identity in _file_hashes:
         return _file_hashes[identity]
     remembered = memo_dir / hashlib.sha256(repr(identity).encode()).hexdigest()[:24]

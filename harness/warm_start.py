@@ -124,10 +124,10 @@ def source_checkpoint(cfg: DictConfig) -> tuple[Path, dict[str, Any]]:
     if row["status"] != "ok":
         raise SourceUnavailable(f"init_from={key}: the source run (task={row['task']} variant={row['variant']} "
                                 f"seed={row['seed']}) ended {row['status']}: {row.get('error')}; fix and rerun it first")
-    if rows.made_with_other_weights(row, run_keys.model_fingerprint(cfg)):
+    if rows.made_with_other_weights(row, weights := run_keys.model_fingerprint(cfg)):
         raise SourceUnavailable(f"init_from={key}: the source run (task={row['task']}) trained on other files than "
                                 f"{cfg.model.source} holds now (model fingerprint {row['model_fingerprint']}, now "
-                                f"{run_keys.model_fingerprint(cfg)}); rerun it first on these weights (a sweep that "
+                                f"{weights}); rerun it first on these weights (a sweep that "
                                 "holds both runs does this by itself)")
     if row["variant"] != cfg.variant.name or row.get("rank") != cfg.variant.get("r"):
         raise ConfigError(f"init_from={key}: the source is variant={row['variant']} r={row.get('rank')}, this run is "

@@ -145,11 +145,14 @@ def ok_rows(rows: pd.DataFrame) -> pd.DataFrame:
         rank = cell["rank"].iloc[0]
         method = cell.variant.iloc[0] + ("" if pd.isna(rank) else f" r={int(rank)}")
         differs = [k for k in config_differences(cell.config_json.tolist()) if k not in SEED_KEYS]
-        for column, what in (("precision", "precision as computed"), ("data_fingerprint", "data files")):
-            if column in cell and cell[column].nunique(dropna=False) > 1:  # auto: bf16 here, fp32 there
-                differs.append(f"{what} ({', '.join(sorted(map(str, cell[column].unique())))})")
-        if "model_fingerprint" in cell and cell.model_fingerprint.nunique() > 1:  # rows before it recorded none
-            differs.append(f"model files ({', '.join(sorted(cell.model_fingerprint.dropna().unique()))})")
+        # precision: auto is bf16 here, fp32 there; a model fingerprint is unrecorded in rows from before it
+        for column, what, unrecorded_counts in (("precision", "precision as computed", True),
+                                                ("data_fingerprint", "data files", True),
+                                                ("model_fingerprint", "model files", False)):
+            values = cell[column] if column in cell else pd.Series(dtype=object)
+            values = values if unrecorded_counts else values.dropna()
+            if values.nunique(dropna=False) > 1:
+                differs.append(f"{what} ({', '.join(sorted(map(str, values.unique())))})")
         if "extra_json" in cell and (fact_keys := fact_differences(cell.extra_json)):  # QLoRA's `auto` settings
             differs.append(f"what was assembled ({', '.join(fact_keys)})")
         if source_keys := source_differences(cell, rows):
